@@ -1,0 +1,162 @@
+//! Causal contexts: exactly which dots a replica has seen.
+//!
+//! A version vector alone can only say "all of `1..=n`". Delta states are delivered
+//! out of order, so a replica may have seen dot 7 of a node but not dot 6; the
+//! *cloud* holds such outstanding dots until the gap closes and they fold into the
+//! vector (Almeida, Shoker, Baquero: *Delta State Replicated Data Types*, 2018, §6).
+
+use crate::{Dot, NodeId, VersionVector};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// A version vector plus the outstanding dots that are not contiguous with it.
+///
+/// Invariant (kept by every method and by decoding): no dot of the cloud is covered
+/// by the vector, and no cloud dot directly follows its node's vector entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "RawContext")]
+pub struct CausalContext {
+    vv: VersionVector,
+    cloud: BTreeSet<Dot>,
+}
+
+#[derive(Deserialize)]
+struct RawContext {
+    vv: VersionVector,
+    cloud: BTreeSet<Dot>,
+}
+
+impl From<RawContext> for CausalContext {
+    fn from(raw: RawContext) -> Self {
+        let mut ctx = CausalContext { vv: raw.vv, cloud: raw.cloud };
+        ctx.compact();
+        ctx
+    }
+}
+
+impl CausalContext {
+    /// The empty context: nothing seen.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A context that has seen exactly the given dots.
+    pub fn from_dots(dots: impl IntoIterator<Item = Dot>) -> Self {
+        let mut ctx = CausalContext::new();
+        ctx.cloud.extend(dots);
+        ctx.compact();
+        ctx
+    }
+
+    /// The contiguous part of what was seen.
+    pub fn vv(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    /// The dots seen beyond the contiguous part.
+    pub fn cloud(&self) -> &BTreeSet<Dot> {
+        &self.cloud
+    }
+
+    /// Whether the dot was seen.
+    pub fn contains(&self, dot: &Dot) -> bool {
+        self.vv.contains(dot) || self.cloud.contains(dot)
+    }
+
+    /// Records one dot as seen.
+    pub fn insert(&mut self, dot: Dot) {
+        if self.vv.contains(&dot) {
+            return;
+        }
+        self.cloud.insert(dot);
+        self.compact_node(dot.node);
+    }
+
+    /// The dot a new update by `node` takes: one past the highest dot of `node` seen.
+    ///
+    /// # Panics
+    /// When the node has made `u64::MAX` updates, which no real node can reach.
+    pub fn next_dot(&self, node: NodeId) -> Dot {
+        let highest = self.highest(node);
+        let counter = highest.checked_add(1).expect("a node's dot counter is exhausted");
+        Dot { node, counter }
+    }
+
+    /// The highest counter of `node` seen, contiguous or not (0 when none).
+    pub fn highest(&self, node: NodeId) -> u64 {
+        let in_cloud = self
+            .cloud
+            .range(Dot { node, counter: 1 }..=Dot { node, counter: u64::MAX })
+            .next_back()
+            .map(|dot| dot.counter);
+        in_cloud.unwrap_or(0).max(self.vv.get(node))
+    }
+
+    /// Union: afterwards `self` has seen every dot either context had seen.
+    pub fn join(&mut self, other: &CausalContext) {
+        self.vv.join(&other.vv);
+        self.cloud.extend(other.cloud.iter().copied());
+        self.compact();
+    }
+
+    /// Whether every dot `other` has seen was seen by `self`.
+    pub fn dominates(&self, other: &CausalContext) -> bool {
+        let vv_covered = other.vv.iter().all(|(node, counter)| {
+            counter <= self.vv.get(node)
+                || (self.vv.get(node) + 1..=counter)
+                    .all(|c| self.cloud.contains(&Dot { node, counter: c }))
+        });
+        vv_covered && other.cloud.iter().all(|dot| self.contains(dot))
+    }
+
+    /// How many dots this context has seen.
+    pub fn dot_count(&self) -> u128 {
+        let contiguous: u128 = self.vv.iter().map(|(_, counter)| u128::from(counter)).sum();
+        contiguous + self.cloud.len() as u128
+    }
+
+    /// Every dot seen, node by node. As long as [`CausalContext::dot_count`].
+    pub fn iter_dots(&self) -> impl Iterator<Item = Dot> + '_ {
+        let contiguous = self
+            .vv
+            .iter()
+            .flat_map(|(node, top)| (1..=top).map(move |counter| Dot { node, counter }));
+        contiguous.chain(self.cloud.iter().copied())
+    }
+
+    /// Whether nothing has been seen.
+    pub fn is_empty(&self) -> bool {
+        self.vv.is_empty() && self.cloud.is_empty()
+    }
+
+    /// Folds cloud dots that close a gap into the vector and drops covered ones.
+    pub fn compact(&mut self) {
+        let nodes: BTreeSet<NodeId> = self.cloud.iter().map(|dot| dot.node).collect();
+        for node in nodes {
+            self.compact_node(node);
+        }
+    }
+
+    fn compact_node(&mut self, node: NodeId) {
+        let mut top = self.vv.get(node);
+        let range = Dot { node, counter: 1 }..=Dot { node, counter: u64::MAX };
+        let mine: Vec<Dot> = self.cloud.range(range).copied().collect();
+        for dot in mine {
+            if dot.counter <= top {
+                self.cloud.remove(&dot);
+            } else if dot.counter == top + 1 {
+                self.cloud.remove(&dot);
+                top += 1;
+            } else {
+                break;
+            }
+        }
+        self.vv.observe(node, top);
+    }
+}
+
+impl From<VersionVector> for CausalContext {
+    fn from(vv: VersionVector) -> Self {
+        CausalContext { vv, cloud: BTreeSet::new() }
+    }
+}
