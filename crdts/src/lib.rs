@@ -11,6 +11,7 @@
 //! - Types, one file each: [`GCounter`], [`PnCounter`], [`LwwRegister`],
 //!   [`MvRegister`], [`OrSet`], [`OrMap`], [`EwFlag`], and [`CausalCounter`] (the
 //!   counter that lives inside maps).
+//! - [`Value`], the state of one calmkv key: one causal CRDT per type (`value.rs`).
 //! - The versioned encoding of states for disk and wire (`encoding.rs`).
 //!
 //! # Using a type
@@ -55,6 +56,7 @@ mod mv_register;
 mod or_map;
 mod or_set;
 mod pn_counter;
+mod value;
 mod version_vector;
 
 pub use causal_counter::{CausalCounter, CounterShare};
@@ -71,4 +73,5 @@ pub use mv_register::MvRegister;
 pub use or_map::OrMap;
 pub use or_set::OrSet;
 pub use pn_counter::PnCounter;
+pub use value::{Kind, Value, ValueStore};
 pub use version_vector::VersionVector;

@@ -8,7 +8,7 @@
 
 use calmkv_crdts::{
     decode, encode, CausalContext, CausalCounter, DecodeError, Dot, EwFlag, GCounter, Hlc, Limits,
-    LwwRegister, MvRegister, NodeId, OrMap, OrSet, PnCounter, VersionVector,
+    LwwRegister, MvRegister, NodeId, OrMap, OrSet, PnCounter, Value, VersionVector,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -73,6 +73,13 @@ fn committed_samples_of_every_type_decode() {
 
     let ctx = CausalContext::from_dots([Dot::new(A, 1), Dot::new(A, 2), Dot::new(B, 5)]);
     check_sample("causal_context", ctx);
+
+    let mut value = Value::new();
+    value
+        .with_map(|m| m.update("qty".into(), &limits, |v| v.with_counter(|c| c.incr(A, 3))))
+        .unwrap();
+    value.with_set(|s| s.add(B, "concurrently a set".into(), &limits)).unwrap();
+    check_sample("value", value);
 
     let vv: VersionVector = [(A, 3), (B, 9)].into_iter().collect();
     check_sample("version_vector", vv);

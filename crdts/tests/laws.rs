@@ -538,3 +538,107 @@ crdt_properties!(or_set, OrSetModel);
 crdt_properties!(ew_flag, EwFlagModel);
 crdt_properties!(or_map_of_sets, MapOfSetsModel);
 crdt_properties!(or_map_of_counters, MapOfCountersModel);
+
+// ---------------------------------------------------------------- a key's value
+
+#[derive(Clone, Debug)]
+enum ValueOp {
+    Write(u8),
+    Set(SetOp),
+    Enable,
+    /// Delete everything seen, whatever its type.
+    Clear,
+}
+
+/// A key's value, written with several types at once (as concurrent creations do)
+/// and deleted whole: each component behaves like its own type, and a delete or a
+/// register write with the key's context cancels every operation it saw, of any
+/// type (that is how a client resolves a key created with two types).
+struct ValueModel;
+
+impl Model for ValueModel {
+    type State = calmkv_crdts::Value;
+    type Op = ValueOp;
+
+    fn op() -> BoxedStrategy<ValueOp> {
+        prop_oneof![
+            2 => any::<u8>().prop_map(ValueOp::Write),
+            3 => set_op().prop_map(ValueOp::Set),
+            1 => Just(ValueOp::Enable),
+            1 => Just(ValueOp::Clear),
+        ]
+        .boxed()
+    }
+
+    fn apply(state: &mut Self::State, node: NodeId, op: &ValueOp) -> Option<Self::State> {
+        match op {
+            ValueOp::Write(value) => state
+                .with_register(|r| {
+                    let seen = r.context().clone();
+                    r.write(node, serde_bytes::ByteBuf::from(vec![*value]), &seen, &TEST_LIMITS)
+                })
+                .ok(),
+            ValueOp::Set(op) => state
+                .with_set(|s| {
+                    let set: &mut OrSet<String> = s;
+                    match op {
+                        SetOp::Add(xs) => {
+                            set.add_all(node, xs.iter().map(u8::to_string), &TEST_LIMITS)
+                        }
+                        SetOp::Remove(xs) => {
+                            let xs: Vec<String> = xs.iter().map(u8::to_string).collect();
+                            Ok(set.remove_all(&xs))
+                        }
+                    }
+                })
+                .ok(),
+            ValueOp::Enable => state.with_flag(|f| Ok(f.enable(node))).ok(),
+            ValueOp::Clear => Some(state.clear()),
+        }
+    }
+
+    fn check(
+        state: &Self::State,
+        history: &History<Self::State, ValueOp>,
+        seen: &BTreeSet<usize>,
+    ) -> Result<(), String> {
+        let clear = |op: &ValueOp| matches!(op, ValueOp::Clear | ValueOp::Write(_));
+        let mut writes: Vec<u8> = seen_ops(history, seen)
+            .filter(|&(i, _)| {
+                !cancelled(history, seen, i, |op| matches!(op, ValueOp::Write(_) | ValueOp::Clear))
+            })
+            .filter_map(|(_, r)| match r.op {
+                ValueOp::Write(v) => Some(v),
+                _ => None,
+            })
+            .collect();
+        writes.sort_unstable();
+        let mut values: Vec<u8> = state.register().values().map(|v| v[0]).collect();
+        values.sort_unstable();
+        let members = expected_members(
+            history,
+            seen,
+            |op| match op {
+                ValueOp::Set(SetOp::Add(xs)) => Some(xs),
+                _ => None,
+            },
+            |op, x| clear(op) || matches!(op, ValueOp::Set(SetOp::Remove(xs)) if xs.contains(&x)),
+        );
+        let actual: BTreeSet<u8> = state.set().members().map(|m| m.parse().unwrap()).collect();
+        let enabled = seen_ops(history, seen)
+            .any(|(i, r)| matches!(r.op, ValueOp::Enable) && !cancelled(history, seen, i, clear));
+        if values != writes || actual != members || state.flag().is_enabled() != enabled {
+            return Err(format!(
+                "register {values:?} (expected {writes:?}), set {actual:?} (expected {members:?}), flag expected {enabled}"
+            ));
+        }
+        let kinds = state.kinds();
+        let expected_kinds = [!writes.is_empty(), !members.is_empty(), enabled];
+        let present =
+            [calmkv_crdts::Kind::Register, calmkv_crdts::Kind::Set, calmkv_crdts::Kind::Flag]
+                .map(|k| kinds.contains(&k));
+        (present == expected_kinds).then_some(()).ok_or(format!("kinds {kinds:?}"))
+    }
+}
+
+crdt_properties!(value, ValueModel);
