@@ -1,2 +1,52 @@
-//! `calmkv`: the node — storage, replication, invariants, and the HTTP and embedded
-//! faces. Built up issue by issue on top of `calmkv-crdts`.
+//! `calmkv`: a key-value store that stays available when the network breaks, by
+//! merging CRDTs instead of coordinating wherever the application's invariants
+//! allow it.
+//!
+//! # Embedded use
+//!
+//! ```
+//! let dir = tempfile::tempdir().unwrap();
+//! let db = calmkv::Db::open(dir.path()).unwrap();
+//!
+//! db.counter("visits").incr(1).unwrap();
+//! db.set("cart/alice").add("apple").unwrap();
+//! assert_eq!(db.counter("visits").get().unwrap(), 1);
+//!
+//! // Registers return their context; writing it back supersedes what was read.
+//! db.register("greeting").put("hello", None).unwrap();
+//! let read = db.register("greeting").get().unwrap().unwrap();
+//! db.register("greeting").put("hello, world", Some(&read.context)).unwrap();
+//! assert_eq!(db.register("greeting").get().unwrap().unwrap().values, ["hello, world"]);
+//! ```
+//!
+//! # Layout
+//!
+//! - [`Db`] and its typed handles (`db.rs`): the embedded face.
+//! - [`Node`] (`node.rs`): applies [`Op`]s (`op.rs`) to keys, reads and scans.
+//!   Both faces call it and nothing else.
+//! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
+//! - `store/`: the [`Store`](store::Store) trait, the sled and in-memory engines,
+//!   durability and the node id.
+//! - `http/`: the HTTP API (axum), its limits, errors and metrics.
+//! - [`Config`] and [`Limits`]: every setting and bound.
+
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod node;
+pub mod op;
+pub mod read;
+pub mod store;
+
+pub use config::Config;
+pub use db::Db;
+pub use envelope::{Envelope, KeyType};
+pub use error::NodeError;
+pub use limits::Limits;
+pub use node::{Applied, Node, ScanPage};
+pub use op::{Action, CounterOp, CrdtOp, FlagOp, Key, MapOp, Op, SetOp};
+pub use read::{ReadResult, TypedValue};

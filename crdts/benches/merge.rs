@@ -22,14 +22,14 @@ fn member(i: usize) -> String {
     format!("member-{i:08}")
 }
 
-/// A replica with `n` members, the delta of one more add made on another replica,
-/// and that other replica's full state.
+/// A replica with `n - 1` members, the delta of the `n`-th add made on another
+/// replica, and that other replica's full state (`n` members).
 fn or_set(n: usize) -> (OrSet<String>, OrSet<String>, OrSet<String>) {
     let limits = Limits::default();
     let mut replica = OrSet::new();
-    replica.add_all(A, (0..n).map(member), &limits).unwrap();
+    replica.add_all(A, (0..n - 1).map(member), &limits).unwrap();
     let mut other = replica.clone();
-    let delta = other.add(B, member(n), &limits).unwrap();
+    let delta = other.add(B, member(n - 1), &limits).unwrap();
     (replica, delta, other)
 }
 
@@ -38,11 +38,11 @@ fn or_map(
 ) -> (OrMap<String, CausalCounter>, OrMap<String, CausalCounter>, OrMap<String, CausalCounter>) {
     let limits = Limits::default();
     let mut replica = CounterMap::new();
-    for i in 0..n {
+    for i in 0..n - 1 {
         replica.update(member(i), &limits, |c| c.incr(A, 1)).unwrap();
     }
     let mut other = replica.clone();
-    let delta = other.update(member(0), &limits, |c| c.incr(B, 1)).unwrap();
+    let delta = other.update(member(n - 1), &limits, |c| c.incr(B, 1)).unwrap();
     (replica, delta, other)
 }
 

@@ -52,6 +52,11 @@ impl<T: Clone + Ord + std::fmt::Debug> LwwRegister<T> {
         self.entry.as_ref().and_then(|entry| entry.value.as_ref())
     }
 
+    /// Whether the register was never written (deleted counts as written).
+    pub fn is_unset(&self) -> bool {
+        self.entry.is_none()
+    }
+
     /// The stamp of the winning write, if any.
     pub fn stamp(&self) -> Option<Stamp> {
         self.entry.as_ref().map(|entry| entry.stamp)

@@ -1,0 +1,215 @@
+//! The client commands of the `calmkv` binary: one HTTP request each (two for
+//! `put`, which reads the context first), printing values and clear errors.
+
+use crate::Command;
+use anyhow::{anyhow, bail, Context as _};
+use clap::Args;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value as Json;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+/// Where the node is.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// The node's HTTP URL.
+    #[arg(long, env = "CALMKV_URL", default_value = "http://127.0.0.1:7070")]
+    url: String,
+    /// Bearer token, if the node requires one.
+    #[arg(long, env = "CALMKV_AUTH_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// Give up on a request after this many milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
+}
+
+struct Client {
+    http: reqwest::Client,
+    conn: Conn,
+}
+
+impl Client {
+    fn new(conn: Conn) -> anyhow::Result<Client> {
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_millis(conn.timeout_ms)).build()?;
+        Ok(Client { http, conn })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let url = format!("{}{path}", self.conn.url.trim_end_matches('/'));
+        let request = self.http.request(method, url);
+        match &self.conn.auth_token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends a request; turns an error answer into an error naming its code.
+    async fn send(&self, request: RequestBuilder) -> anyhow::Result<Response> {
+        let response =
+            request.send().await.with_context(|| format!("cannot reach {}", self.conn.url))?;
+        let status = response.status();
+        if status.is_success() || status == StatusCode::MULTIPLE_CHOICES {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        let error = serde_json::from_str::<Json>(&body).ok().and_then(|j| {
+            let code = j["error"]["code"].as_str()?.to_string();
+            let message = j["error"]["message"].as_str()?.to_string();
+            Some(anyhow!("{code}: {message} ({status})"))
+        });
+        Err(error.unwrap_or_else(|| anyhow!("{status}: {body}")))
+    }
+
+    async fn crdt(&self, key: &str, op: Json) -> anyhow::Result<Json> {
+        let response = self.send(self.request(Method::POST, &kv_path(key)).json(&op)).await?;
+        Ok(response.json().await?)
+    }
+}
+
+fn kv_path(key: &str) -> String {
+    let encoded: String = key.split('/').map(percent_encode).collect::<Vec<_>>().join("/");
+    format!("/v1/kv/{encoded}")
+}
+
+fn percent_encode(segment: &str) -> String {
+    let mut out = String::new();
+    for byte in segment.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+fn print_json(json: &Json) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(json)?);
+    Ok(())
+}
+
+fn read_value(value: Option<String>, file: Option<std::path::PathBuf>) -> anyhow::Result<Vec<u8>> {
+    match (value, file) {
+        (Some(value), None) => Ok(value.into_bytes()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut bytes = Vec::new();
+            std::io::stdin().read_to_end(&mut bytes)?;
+            Ok(bytes)
+        }
+        (None, Some(path)) => {
+            std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+        }
+        _ => bail!("give a value or --file"),
+    }
+}
+
+/// Runs a client command.
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Get { key, conn } => {
+            let client = Client::new(conn)?;
+            let response = client.send(client.request(Method::GET, &kv_path(&key))).await?;
+            let is_json = response
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+            if is_json {
+                print_json(&response.json().await?)
+            } else {
+                let bytes = response.bytes().await?;
+                let mut out = std::io::stdout().lock();
+                out.write_all(&bytes)?;
+                if !bytes.ends_with(b"\n") {
+                    out.write_all(b"\n")?;
+                }
+                Ok(())
+            }
+        }
+        Command::Put { key, value, file, context, sibling, if_absent, lww, conn } => {
+            let client = Client::new(conn)?;
+            let value = read_value(value, file)?;
+            let mut request = client.request(Method::PUT, &kv_path(&key)).body(value);
+            if lww {
+                request = request.query(&[("type", "lww")]);
+            } else if if_absent {
+                request = request.header("If-None-Match", "*");
+            } else if let Some(token) = context {
+                request = request.header("X-Context", token);
+            } else if !sibling {
+                let read = client.request(Method::GET, &kv_path(&key)).send().await?;
+                if let Some(token) = read.headers().get("x-context") {
+                    request = request.header("X-Context", token.clone());
+                }
+            }
+            client.send(request).await?;
+            Ok(())
+        }
+        Command::Del { key, context, conn } => {
+            let client = Client::new(conn)?;
+            let mut request = client.request(Method::DELETE, &kv_path(&key));
+            if let Some(token) = context {
+                request = request.header("X-Context", token);
+            }
+            client.send(request).await?;
+            Ok(())
+        }
+        Command::Incr { key, amount, conn } => {
+            let json = Client::new(conn)?
+                .crdt(&key, serde_json::json!({"counter": {"incr": amount}}))
+                .await?;
+            print_json(&json["value"])
+        }
+        Command::Decr { key, amount, conn } => {
+            let json = Client::new(conn)?
+                .crdt(&key, serde_json::json!({"counter": {"decr": amount}}))
+                .await?;
+            print_json(&json["value"])
+        }
+        Command::Sadd { key, members, conn } => {
+            let json =
+                Client::new(conn)?.crdt(&key, serde_json::json!({"set": {"add": members}})).await?;
+            print_json(&json["value"])
+        }
+        Command::Srem { key, members, conn } => {
+            let json = Client::new(conn)?
+                .crdt(&key, serde_json::json!({"set": {"remove": members}}))
+                .await?;
+            print_json(&json["value"])
+        }
+        Command::Scan { prefix, limit, all, max_pages, conn } => {
+            let client = Client::new(conn)?;
+            let mut cursor: Option<String> = None;
+            for _ in 0..max_pages.max(1) {
+                let mut query = vec![("prefix", prefix.clone()), ("limit", limit.to_string())];
+                if let Some(c) = &cursor {
+                    query.push(("cursor", c.clone()));
+                }
+                let page: Json = client
+                    .send(client.request(Method::GET, "/v1/kv").query(&query))
+                    .await?
+                    .json()
+                    .await?;
+                for entry in page["keys"].as_array().into_iter().flatten() {
+                    let types: Vec<&str> = entry["types"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Json::as_str)
+                        .collect();
+                    println!("{}\t{}", entry["key"].as_str().unwrap_or_default(), types.join(","));
+                }
+                cursor = page["cursor"].as_str().map(str::to_string);
+                if cursor.is_none() || !all {
+                    break;
+                }
+            }
+            if let (Some(c), false) = (&cursor, all) {
+                eprintln!("more keys follow; next page: --all, or cursor {c:?}");
+            }
+            Ok(())
+        }
+    }
+}

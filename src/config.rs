@@ -1,0 +1,59 @@
+//! Configuration of a node, shared by `calmkv serve` and the embedded [`Db`].
+//!
+//! [`Db`]: crate::Db
+
+use crate::error::NodeError;
+use crate::store::{self, Durability, MemoryStore, SledStore, Store};
+use crate::{Limits, Node};
+use calmkv_crdts::NodeId;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where and how a node keeps its data.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The data directory: the store and the node id live here.
+    pub data_dir: PathBuf,
+    /// When a write counts as durable.
+    pub durability: Durability,
+    /// The bounds the node enforces.
+    pub limits: Limits,
+    /// Keep data in memory only (tests, simulation): nothing survives the process,
+    /// and a new node id is drawn on every open.
+    pub in_memory: bool,
+}
+
+impl Config {
+    /// The default directory, relative to the working directory.
+    pub const DEFAULT_DATA_DIR: &'static str = "./calmkv-data";
+
+    /// A configuration with defaults and the given data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            durability: Durability::default(),
+            limits: Limits::default(),
+            in_memory: false,
+        }
+    }
+
+    /// A configuration for a node that keeps nothing on disk.
+    pub fn in_memory() -> Config {
+        Config { in_memory: true, ..Config::new(Path::new("")) }
+    }
+
+    /// Opens the store and the node identity, and builds the node.
+    pub fn open_node(&self) -> Result<Node, NodeError> {
+        let (id, store): (u64, Arc<dyn Store>) = if self.in_memory {
+            (store::random_node_id(), Arc::new(MemoryStore::new()))
+        } else {
+            std::fs::create_dir_all(&self.data_dir).map_err(|source| {
+                NodeError::from(store::StoreError::Io { path: self.data_dir.clone(), source })
+            })?;
+            let id = store::load_or_create_node_id(&self.data_dir)?;
+            let sled = SledStore::open(&self.data_dir.join("store"), self.durability)?;
+            (id, Arc::new(sled))
+        };
+        Ok(Node::new(NodeId(id), store, self.limits.clone()))
+    }
+}

@@ -1,0 +1,100 @@
+//! The node's errors. Each variant says what was refused and why; every refusal
+//! leaves the store exactly as it was. The HTTP layer maps each variant once to a
+//! status and a stable code ([`NodeError::code`]).
+
+use crate::envelope::KeyType;
+use crate::store::StoreError;
+
+/// Why the node refused or failed an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The key is empty, too long, or has a control character. Nothing changed.
+    #[error("bad key: {reason} (keys are 1..={max} bytes of UTF-8 without control characters)")]
+    BadKey {
+        /// What is wrong with it.
+        reason: &'static str,
+        /// The longest key allowed, in bytes.
+        max: usize,
+    },
+    /// The request is malformed. Nothing changed.
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A value is larger than allowed. Nothing changed.
+    #[error("value of {bytes} bytes is larger than the limit of {max}")]
+    ValueTooLarge {
+        /// The value's size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The key holds another type. Nothing changed.
+    #[error("key {key:?} holds {found}, not {wanted}")]
+    TypeMismatch {
+        /// The key.
+        key: String,
+        /// The type the operation needs.
+        wanted: KeyType,
+        /// The type(s) the key holds.
+        found: String,
+    },
+    /// The register would hold too many concurrent values. Nothing changed.
+    #[error("key {key:?} would have {siblings} concurrent values, more than {max}; write with the context of a read to resolve them")]
+    TooManySiblings {
+        /// The key.
+        key: String,
+        /// Siblings the write would leave.
+        siblings: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A set or map would exceed its member bound, or a counter share would
+    /// overflow. Nothing changed.
+    #[error("key {key:?}: {what}")]
+    LimitExceeded {
+        /// The key.
+        key: String,
+        /// Which bound, and by how much.
+        what: String,
+    },
+    /// `If-None-Match: *` and the key has a value. Nothing changed.
+    #[error("key {key:?} already has a value")]
+    PreconditionFailed {
+        /// The key.
+        key: String,
+    },
+    /// The storage engine failed; the operation may not have been applied.
+    #[error("storage: {source}")]
+    Store {
+        /// What the engine said.
+        #[from]
+        source: StoreError,
+    },
+    /// A stored value could not be decoded: the data on disk is damaged or was
+    /// written by an incompatible version. Nothing changed.
+    #[error("stored value of key {key:?} is unreadable: {source}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What the decoder said.
+        source: calmkv_crdts::DecodeError,
+    },
+}
+
+impl NodeError {
+    /// The stable code of DESIGN.md §7 for this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            NodeError::BadKey { .. } => "bad_key",
+            NodeError::BadRequest { .. } => "bad_request",
+            NodeError::ValueTooLarge { .. } => "payload_too_large",
+            NodeError::TypeMismatch { .. } => "type_mismatch",
+            NodeError::TooManySiblings { .. } => "too_many_siblings",
+            NodeError::LimitExceeded { .. } => "limit_exceeded",
+            NodeError::PreconditionFailed { .. } => "precondition_failed",
+            NodeError::Store { .. } | NodeError::Corrupt { .. } => "internal",
+        }
+    }
+}

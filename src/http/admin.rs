@@ -1,0 +1,44 @@
+//! Health, readiness, cluster membership and metrics.
+
+use super::{ApiError, AppState};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+/// `GET /healthz`: the process is up.
+pub(super) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `GET /readyz`: the store answers reads.
+pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+    let node = state.node().clone();
+    let probe = tokio::task::spawn_blocking(move || node.store().get(b"readyz-probe")).await;
+    match probe {
+        Ok(Ok(_)) => "ready\n".into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
+    }
+}
+
+/// `GET /v1/cluster`: this node and the members it knows (itself, for now).
+pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let id = state.node().id().to_string();
+    let me =
+        json!({ "id": id, "http_addr": state.inner.http_addr, "state": "alive", "incarnation": 0 });
+    Json(json!({ "node": me, "members": [me], "quorum": null }))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let node = state.node().clone();
+    let store = match tokio::task::spawn_blocking(move || node.store().stats()).await {
+        Ok(stats) => stats.map_err(crate::NodeError::from)?,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    };
+    let gauges = store.gauges();
+    let extra: Vec<(&str, &str, f64)> = gauges.iter().map(|(n, h, v)| (*n, *h, *v)).collect();
+    let text = state.inner.metrics.render(&extra);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}

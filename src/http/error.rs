@@ -1,0 +1,104 @@
+//! HTTP errors: every refusal as `{"error":{"code":"...","message":"..."}}` with a
+//! stable code and its status (DESIGN.md §7), mapped in one place.
+
+use crate::NodeError;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Seconds a client is asked to wait after `overloaded` or `timeout`.
+pub const RETRY_AFTER_SECS: u64 = 1;
+
+/// An error answer of the HTTP API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The node refused or failed the operation.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// A malformed request that never reached the node.
+    #[error("{reason}")]
+    BadRequest {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request body is larger than the limit.
+    #[error("request body is larger than the limit of {max} bytes")]
+    BodyTooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// No such key, or no such route.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+    },
+    /// Missing or wrong bearer token.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// Too many requests in flight.
+    #[error("too many requests in flight (limit {limit}); retry later")]
+    Overloaded {
+        /// The in-flight limit.
+        limit: usize,
+    },
+    /// The request ran past the timeout; a write may or may not have been applied.
+    #[error("request took longer than {timeout_ms} ms; a write may or may not have been applied")]
+    Timeout {
+        /// The timeout.
+        timeout_ms: u128,
+    },
+    /// The method is not served on this path.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl ApiError {
+    /// The status and stable code of the error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Node(e) => (node_status(e), e.code()),
+            ApiError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        }
+    }
+}
+
+fn node_status(error: &NodeError) -> StatusCode {
+    match error {
+        NodeError::BadKey { .. } | NodeError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        NodeError::ValueTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        NodeError::TypeMismatch { .. }
+        | NodeError::TooManySiblings { .. }
+        | NodeError::LimitExceeded { .. } => StatusCode::CONFLICT,
+        NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+        NodeError::Store { .. } | NodeError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error()
+            && !matches!(self, ApiError::Overloaded { .. } | ApiError::Timeout { .. })
+        {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

@@ -1,0 +1,236 @@
+//! `/v1/kv`: reads, writes, CRDT operations and scans of keys.
+
+use super::{ApiError, AppState};
+use crate::op::{Action, CrdtOp, Key, Op};
+use crate::read::{ReadResult, TypedValue};
+use crate::{Applied, Limits, NodeError};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use calmkv_crdts::CausalContext;
+use serde::Deserialize;
+use serde_json::json;
+
+/// The causal context of a key, as an opaque token (base64url of its encoding).
+pub const X_CONTEXT: HeaderName = HeaderName::from_static("x-context");
+/// Whether a write was coordinated: `none` (local) or `quorum`.
+pub const X_COORDINATION: HeaderName = HeaderName::from_static("x-coordination");
+
+/// Encodes a context as the token clients send back in `X-Context`.
+pub fn context_token(context: &CausalContext) -> String {
+    URL_SAFE_NO_PAD.encode(calmkv_crdts::encode(context).expect("a context always encodes"))
+}
+
+/// Decodes the optional `X-Context` header.
+fn parse_context(headers: &HeaderMap, limits: &Limits) -> Result<Option<CausalContext>, ApiError> {
+    let Some(value) = headers.get(&X_CONTEXT) else { return Ok(None) };
+    let bad = |why: &str| ApiError::BadRequest { reason: format!("bad X-Context token: {why}") };
+    if value.len() > limits.context_bytes_max {
+        return Err(bad(&format!("longer than {} bytes", limits.context_bytes_max)));
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(value.as_bytes()).map_err(|_| bad("not base64url"))?;
+    calmkv_crdts::decode(&bytes).map(Some).map_err(|e| bad(&e.to_string()))
+}
+
+fn key_of(path: Result<Path<String>, PathRejection>, limits: &Limits) -> Result<Key, ApiError> {
+    let Path(raw) = path.map_err(|e| NodeError::BadKey {
+        reason: if e.body_text().contains("UTF-8") {
+            "the key is not UTF-8"
+        } else {
+            "the key is malformed"
+        },
+        max: limits.key_bytes_max,
+    })?;
+    Ok(Key::new(raw, limits)?)
+}
+
+fn body_of(body: Result<Bytes, BytesRejection>, limits: &Limits) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge { max: limits.body_bytes_max },
+        _ => ApiError::BadRequest { reason: format!("cannot read the body: {}", e.body_text()) },
+    })
+}
+
+/// Runs node work on the blocking pool: writes wait for fsync.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+fn with_context(mut response: Response, context: &CausalContext) -> Response {
+    let token = HeaderValue::from_str(&context_token(context)).expect("base64 is a valid header");
+    response.headers_mut().insert(X_CONTEXT, token);
+    response
+}
+
+/// Adds the headers every write answers with: the new context, and how it was
+/// coordinated (always locally until the quorum path exists).
+fn written(response: impl IntoResponse, applied: &Applied) -> Response {
+    let mut response = with_context(response.into_response(), applied.context());
+    response.headers_mut().insert(X_COORDINATION, HeaderValue::from_static("none"));
+    response
+}
+
+/// A typed value as JSON with the read's context added.
+fn typed_json(value: &TypedValue, context: &CausalContext) -> serde_json::Value {
+    let mut json = serde_json::to_value(value).expect("typed values serialize");
+    json["context"] = json!(context_token(context));
+    json
+}
+
+/// `GET /v1/kv/{key}`.
+pub(super) async fn get(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let key = key_of(path, state.node().limits())?;
+    let node = state.node().clone();
+    let read = blocking({
+        let key = key.clone();
+        move || node.read(&key)
+    })
+    .await?;
+    let Some(ReadResult { values, context }) = read else {
+        return Err(ApiError::NotFound { what: format!("key {:?}", key.as_str()) });
+    };
+    let response = match values.as_slice() {
+        [TypedValue::Register(v)] if v.len() == 1 => raw(v[0].clone()),
+        [TypedValue::Lww(v)] => raw(v.clone()),
+        [TypedValue::Register(_)] => {
+            (StatusCode::MULTIPLE_CHOICES, Json(typed_json(&values[0], &context))).into_response()
+        }
+        [one] => Json(typed_json(one, &context)).into_response(),
+        many => {
+            let body = json!({ "conflict": many, "context": context_token(&context) });
+            (StatusCode::MULTIPLE_CHOICES, Json(body)).into_response()
+        }
+    };
+    Ok(with_context(response, &context))
+}
+
+fn raw(bytes: bytes::Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PutParams {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// `PUT /v1/kv/{key}`: set a register (`?type=lww` for last-writer-wins).
+pub(super) async fn put(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    params: Result<Query<PutParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let limits = state.node().limits();
+    let key = key_of(path, limits)?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
+    let value = body_of(body, limits)?;
+    let context = parse_context(&headers, limits)?;
+    let if_absent = match headers.get(header::IF_NONE_MATCH).map(HeaderValue::as_bytes) {
+        None => false,
+        Some(b"*") => true,
+        Some(_) => {
+            return Err(ApiError::BadRequest { reason: "If-None-Match supports only `*`".into() })
+        }
+    };
+    let action = match params.kind.as_deref() {
+        None | Some("register") => Action::Put { value, context, if_absent },
+        Some("lww") if context.is_none() && !if_absent => Action::PutLww { value },
+        Some("lww") => {
+            return Err(ApiError::BadRequest {
+                reason: "an lww write takes neither X-Context nor If-None-Match".into(),
+            })
+        }
+        Some(other) => {
+            return Err(ApiError::BadRequest {
+                reason: format!("unknown type {other:?} for PUT (register or lww)"),
+            })
+        }
+    };
+    let node = state.node().clone();
+    let applied = blocking(move || node.apply(&Op { key, action })).await?;
+    Ok(written(if if_absent { StatusCode::CREATED } else { StatusCode::NO_CONTENT }, &applied))
+}
+
+/// `DELETE /v1/kv/{key}`: delete what `X-Context` saw, or everything here.
+pub(super) async fn delete(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = key_of(path, state.node().limits())?;
+    let context = parse_context(&headers, state.node().limits())?;
+    let node = state.node().clone();
+    let applied =
+        blocking(move || node.apply(&Op { key, action: Action::Delete { context } })).await?;
+    Ok(written(StatusCode::NO_CONTENT, &applied))
+}
+
+/// `POST /v1/kv/{key}`: a CRDT operation; answers the key's new value.
+pub(super) async fn post(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let limits = state.node().limits();
+    let key = key_of(path, limits)?;
+    let body = body_of(body, limits)?;
+    let op: CrdtOp = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest { reason: format!("not a CRDT operation: {e}") })?;
+    let kind = crate::KeyType::from(op.kind());
+    let node = state.node().clone();
+    let applied = blocking(move || node.apply(&Op { key, action: Action::Crdt(op) })).await?;
+    let value = TypedValue::all_of(&applied.state.value).into_iter().find(|v| v.key_type() == kind);
+    let body = match value {
+        Some(value) => typed_json(&value, applied.context()),
+        // The operation removed the last content (e.g. the last member of a set).
+        None => json!({ "type": kind, "value": null, "context": context_token(applied.context()) }),
+    };
+    Ok(written(Json(body), &applied))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ScanParams {
+    #[serde(default)]
+    prefix: String,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/kv?prefix=P&limit=N&cursor=C`: a page of live keys with a prefix.
+pub(super) async fn scan(
+    State(state): State<AppState>,
+    params: Result<Query<ScanParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
+    let limits = state.node().limits();
+    if !params.prefix.is_empty() {
+        Key::new(params.prefix.clone(), limits)?;
+    }
+    let limit = match params.limit {
+        Some(0) => return Err(ApiError::BadRequest { reason: "limit must be at least 1".into() }),
+        Some(n) => n.min(limits.scan_page_max),
+        None => limits.scan_page_max,
+    };
+    let node = state.node().clone();
+    let page = blocking(move || node.scan(&params.prefix, params.cursor.as_deref(), limit)).await?;
+    let keys: Vec<_> =
+        page.keys.iter().map(|(key, types)| json!({ "key": key, "types": types })).collect();
+    Ok(Json(json!({ "keys": keys, "cursor": page.cursor })).into_response())
+}

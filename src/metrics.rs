@@ -1,0 +1,212 @@
+//! The node's metrics, rendered in the Prometheus text format at `GET /metrics`.
+//!
+//! Small and dependency-free: counters keyed by label values, and latency
+//! histograms with fixed exponential buckets. Histograms are exposed as
+//! Prometheus histograms and, for people reading the page, as p50/p99/p999
+//! estimates (the upper bound of the bucket holding the quantile).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in microseconds: 50 µs doubling to ~54 s.
+const BUCKET_BOUNDS_US: [u64; 21] = {
+    let mut bounds = [0u64; 21];
+    let mut i = 0;
+    while i < bounds.len() {
+        bounds[i] = 50 << i;
+        i += 1;
+    }
+    bounds
+};
+
+/// A latency histogram.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Counts per bucket; the last slot counts what exceeds every bound.
+    buckets: [AtomicU64; BUCKET_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let slot = BUCKET_BOUNDS_US
+            .iter()
+            .position(|&bound| us <= bound)
+            .unwrap_or(BUCKET_BOUNDS_US.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (0..=1), in seconds;
+    /// `None` when empty, infinity when it lies past every bound.
+    pub fn quantile_seconds(&self, q: f64) -> Option<f64> {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (slot, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(
+                    BUCKET_BOUNDS_US.get(slot).map_or(f64::INFINITY, |&us| us as f64 / 1e6),
+                );
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (slot, bound) in BUCKET_BOUNDS_US.iter().enumerate() {
+            cumulative += self.buckets[slot].load(Ordering::Relaxed);
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        for (q, label) in [(0.5, "0.5"), (0.99, "0.99"), (0.999, "0.999")] {
+            if let Some(v) = self.quantile_seconds(q) {
+                let _ = writeln!(out, "{name}_quantile{{{labels}{sep}quantile=\"{label}\"}} {v}");
+            }
+        }
+    }
+}
+
+/// Every metric of a node.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// HTTP requests by (route, method, status).
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// HTTP latency by route.
+    latency: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    /// Requests refused by load shedding.
+    pub shed: AtomicU64,
+    /// Requests that ran past the request timeout.
+    pub timed_out: AtomicU64,
+    /// Requests refused for a missing or wrong token.
+    pub unauthorized: AtomicU64,
+}
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    /// Records one finished HTTP request.
+    pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        {
+            let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            *requests.entry((route.to_string(), method.to_string(), status)).or_insert(0) += 1;
+        }
+        let histogram = {
+            let mut latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+            latency.entry(route.to_string()).or_default().clone()
+        };
+        histogram.observe(elapsed);
+    }
+
+    /// The latency histogram of a route, if it has served a request.
+    pub fn route_latency(&self, route: &str) -> Option<Arc<Histogram>> {
+        self.latency.lock().unwrap_or_else(|p| p.into_inner()).get(route).cloned()
+    }
+
+    /// Renders the HTTP metrics; `extra` appends gauges owned elsewhere.
+    pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
+        let mut out = String::new();
+        out.push_str(
+            "# HELP calmkv_http_requests_total HTTP requests by route, method and status.\n",
+        );
+        out.push_str("# TYPE calmkv_http_requests_total counter\n");
+        for ((route, method, status), n) in
+            self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter()
+        {
+            let _ = writeln!(
+                out,
+                "calmkv_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP calmkv_http_request_duration_seconds HTTP latency by route.\n");
+        out.push_str("# TYPE calmkv_http_request_duration_seconds histogram\n");
+        for (route, histogram) in self.latency.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            histogram.render(
+                &mut out,
+                "calmkv_http_request_duration_seconds",
+                &format!("route=\"{route}\""),
+            );
+        }
+        for (name, help, value) in [
+            ("calmkv_http_requests_shed_total", "Requests refused by load shedding.", &self.shed),
+            ("calmkv_http_requests_timed_out_total", "Requests past the timeout.", &self.timed_out),
+            (
+                "calmkv_http_requests_unauthorized_total",
+                "Requests without a valid token.",
+                &self.unauthorized,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        for (name, help, value) in extra {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_the_bucket_holding_them() {
+        let h = Histogram::default();
+        for _ in 0..98 {
+            h.observe(Duration::from_micros(40));
+        }
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(100));
+        assert_eq!(h.quantile_seconds(0.5), Some(50e-6));
+        assert_eq!(h.quantile_seconds(0.99), Some(3.2e-3));
+        assert_eq!(h.quantile_seconds(0.999), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn an_empty_histogram_has_no_quantiles() {
+        assert_eq!(Histogram::default().quantile_seconds(0.5), None);
+    }
+
+    #[test]
+    fn rendering_lists_requests_and_quantiles() {
+        let m = Metrics::default();
+        m.record_request("/v1/kv/{*key}", "GET", 200, Duration::from_micros(120));
+        let text = m.render(&[("calmkv_store_size_bytes", "Store size.", 42.0)]);
+        assert!(text.contains(
+            "calmkv_http_requests_total{route=\"/v1/kv/{*key}\",method=\"GET\",status=\"200\"} 1"
+        ));
+        assert!(text.contains("calmkv_http_request_duration_seconds_quantile{route=\"/v1/kv/{*key}\",quantile=\"0.99\"} 0.0002"));
+        assert!(text.contains("calmkv_store_size_bytes 42"));
+    }
+}

@@ -1,0 +1,310 @@
+//! The node: applies operations to keys in the store and reads them back.
+//!
+//! Every write is a read-merge-write of one key's [`Envelope`] under that key's
+//! lock (locks are striped by key hash), so concurrent writes to a key never
+//! lose each other's effects. The operation runs on a copy of the envelope;
+//! only if every step of it succeeds is the new envelope written, in one store
+//! batch, so a refused operation leaves the store untouched. Both faces (HTTP
+//! and embedded) call [`Node::apply`], [`Node::read`] and [`Node::scan`].
+
+use crate::envelope::{Envelope, KeyType};
+use crate::error::NodeError;
+use crate::op::{Action, CounterOp, CrdtOp, FlagOp, Key, Op};
+use crate::read::ReadResult;
+use crate::store::{Batch, Store};
+use crate::Limits;
+use calmkv_crdts::{
+    decode, encode, CausalContext, Crdt, CrdtError, HybridClock, NodeId, OrMap, Value,
+};
+use serde_bytes::ByteBuf;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Prefix of the store keys that hold user keys; other prefixes are free for the
+/// node's own records.
+const DATA_PREFIX: &[u8] = b"d/";
+/// Number of key-lock stripes: enough that unrelated keys rarely share one.
+const KEY_LOCK_STRIPES: usize = 1024;
+/// A scan visits at most this many stored keys per key returned, so a prefix
+/// full of deleted keys costs a bounded amount per page.
+const SCAN_VISITS_PER_KEY_MAX: usize = 8;
+
+/// The outcome of an applied write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    /// The key's state after the write.
+    pub state: Envelope,
+    /// Just the write's effect: merged into any replica of the key, it applies the
+    /// write there.
+    pub delta: Envelope,
+}
+
+impl Applied {
+    /// The context to pass to a later write so that it supersedes this one.
+    pub fn context(&self) -> &CausalContext {
+        self.state.value.context()
+    }
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Live keys in order, each with the types it holds.
+    pub keys: Vec<(String, Vec<KeyType>)>,
+    /// Where the next page starts (pass as `after`); `None` when the scan is done.
+    pub cursor: Option<String>,
+}
+
+/// A single calmkv node over a store.
+pub struct Node {
+    id: NodeId,
+    store: Arc<dyn Store>,
+    limits: Limits,
+    key_locks: Box<[Mutex<()>]>,
+    lock_hasher: std::collections::hash_map::RandomState,
+    clock: Mutex<HybridClock>,
+}
+
+impl Node {
+    /// A node with identity `id` over `store`.
+    pub fn new(id: NodeId, store: Arc<dyn Store>, limits: Limits) -> Node {
+        let key_locks = (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
+        Node {
+            id,
+            store,
+            limits,
+            key_locks,
+            lock_hasher: Default::default(),
+            clock: Mutex::new(HybridClock::new()),
+        }
+    }
+
+    /// This node's identity.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The bounds this node enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The store under the node.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Applies a write. On success the new state is stored with the store's
+    /// durability; on error nothing changed.
+    pub fn apply(&self, op: &Op) -> Result<Applied, NodeError> {
+        op.validate(&self.limits)?;
+        let _guard = self.lock(&op.key);
+        let current = self.load(&op.key)?;
+        let mut state = current.clone();
+        let delta = self.execute(&mut state, op)?;
+        if state != current {
+            let bytes = encode(&state).expect("an envelope always encodes");
+            self.store.apply(Batch::new().put(store_key(&op.key), bytes))?;
+        }
+        Ok(Applied { state, delta })
+    }
+
+    /// Reads a key: `None` when it has no value (never written, or deleted).
+    pub fn read(&self, key: &Key) -> Result<Option<ReadResult>, NodeError> {
+        Ok(ReadResult::of(&self.load(key)?))
+    }
+
+    /// The stored envelope of a key (empty when never written).
+    pub fn envelope(&self, key: &Key) -> Result<Envelope, NodeError> {
+        self.load(key)
+    }
+
+    /// Lists live keys starting with `prefix`, after the key `after` (exclusive),
+    /// at most `limit` (capped by [`Limits::scan_page_max`]).
+    pub fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<ScanPage, NodeError> {
+        let limit = limit.clamp(1, self.limits.scan_page_max);
+        let visits_max = limit.saturating_mul(SCAN_VISITS_PER_KEY_MAX);
+        let store_prefix = [DATA_PREFIX, prefix.as_bytes()].concat();
+        let mut start: Option<Vec<u8>> = after.map(|a| [DATA_PREFIX, a.as_bytes()].concat());
+        let mut keys = Vec::new();
+        let mut visited = 0;
+        loop {
+            let batch_size = (limit - keys.len()).max(16);
+            let rows = self.store.scan_prefix(&store_prefix, start.as_deref(), batch_size)?;
+            let exhausted = rows.len() < batch_size;
+            for (raw_key, bytes) in rows {
+                visited += 1;
+                let name = String::from_utf8_lossy(&raw_key[DATA_PREFIX.len()..]).into_owned();
+                let envelope: Envelope = decode(&bytes)
+                    .map_err(|source| NodeError::Corrupt { key: name.clone(), source })?;
+                start = Some(raw_key);
+                if !envelope.is_empty() {
+                    keys.push((name.clone(), envelope.types()));
+                }
+                if keys.len() == limit || visited >= visits_max {
+                    return Ok(ScanPage { keys, cursor: Some(name) });
+                }
+            }
+            if exhausted {
+                return Ok(ScanPage { keys, cursor: None });
+            }
+        }
+    }
+
+    /// Waits until everything written so far is durable.
+    pub fn flush(&self) -> Result<(), NodeError> {
+        Ok(self.store.flush()?)
+    }
+
+    fn lock(&self, key: &Key) -> MutexGuard<'_, ()> {
+        let mut hasher = self.lock_hasher.build_hasher();
+        hasher.write(key.as_str().as_bytes());
+        let stripe = (hasher.finish() as usize) % self.key_locks.len();
+        // A panic while holding a key lock cannot leave a half-written key: the
+        // store write is one batch. So a poisoned lock is safe to take over.
+        self.key_locks[stripe].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn load(&self, key: &Key) -> Result<Envelope, NodeError> {
+        match self.store.get(&store_key(key))? {
+            None => Ok(Envelope::default()),
+            Some(bytes) => {
+                decode(&bytes).map_err(|source| NodeError::Corrupt { key: key.to_string(), source })
+            }
+        }
+    }
+
+    fn now(&self) -> calmkv_crdts::Hlc {
+        let wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let mut clock = self.clock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        clock.now(u64::try_from(wall_ms).unwrap_or(u64::MAX))
+    }
+
+    /// Runs the operation on `state`, returning the delta.
+    fn execute(&self, state: &mut Envelope, op: &Op) -> Result<Envelope, NodeError> {
+        let key = op.key.as_str();
+        let limits = self.limits.crdt();
+        let mut delta = Envelope::default();
+        match &op.action {
+            Action::Put { value, context, if_absent } => {
+                check_type(key, &state.types(), KeyType::Register)?;
+                if *if_absent && !state.is_empty() {
+                    return Err(NodeError::PreconditionFailed { key: key.to_string() });
+                }
+                let seen = context.clone().unwrap_or_default();
+                let value = ByteBuf::from(value.to_vec());
+                delta.value = state
+                    .value
+                    .with_register(|r| r.write(self.id, value, &seen, &limits))
+                    .map_err(|e| crdt_error(key, e))?;
+            }
+            Action::PutLww { value } => {
+                check_type(key, &state.types(), KeyType::Lww)?;
+                delta.lww = state.lww.set(self.id, self.now(), ByteBuf::from(value.to_vec()));
+            }
+            Action::Delete { context } => {
+                delta.value = match context {
+                    Some(seen) => state.value.delete(seen),
+                    None => state.value.clear(),
+                };
+                if state.lww.get().is_some() {
+                    delta.lww = state.lww.delete(self.id, self.now());
+                }
+            }
+            Action::Crdt(crdt_op) => {
+                let wanted = KeyType::from(crdt_op.kind());
+                check_type(key, &state.types(), wanted)?;
+                check_nested_types(key, &state.value, crdt_op)?;
+                delta.value = apply_crdt(&mut state.value, crdt_op, self.id, &limits)
+                    .map_err(|e| crdt_error(key, e))?;
+            }
+        }
+        Ok(delta)
+    }
+}
+
+fn store_key(key: &Key) -> Vec<u8> {
+    [DATA_PREFIX, key.as_str().as_bytes()].concat()
+}
+
+fn check_type(key: &str, present: &[KeyType], wanted: KeyType) -> Result<(), NodeError> {
+    if present.iter().all(|t| *t == wanted) {
+        return Ok(());
+    }
+    let found = present.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" and ");
+    Err(NodeError::TypeMismatch { key: key.to_string(), wanted, found })
+}
+
+/// Refuses a map operation that would write a field with another type than the
+/// field holds, before anything is changed.
+fn check_nested_types(key: &str, value: &Value, op: &CrdtOp) -> Result<(), NodeError> {
+    let CrdtOp::Map(map_op) = op else { return Ok(()) };
+    let map = value.map();
+    for (field, nested) in &map_op.update {
+        if let Some(field_value) = map.get(field) {
+            let path = format!("{key}.{field}");
+            let present: Vec<KeyType> =
+                field_value.kinds().into_iter().map(KeyType::from).collect();
+            check_type(&path, &present, KeyType::from(nested.kind()))?;
+            check_nested_types(&path, &field_value, nested)?;
+        }
+    }
+    Ok(())
+}
+
+fn crdt_error(key: &str, error: CrdtError) -> NodeError {
+    let key = key.to_string();
+    match error {
+        CrdtError::TooManySiblings { siblings, max } => {
+            NodeError::TooManySiblings { key, siblings, max }
+        }
+        other => NodeError::LimitExceeded { key, what: other.to_string() },
+    }
+}
+
+/// Runs a CRDT operation on a value (a key's, or a map field's) and returns the
+/// delta. Types were checked before; only the CRDTs' own bounds can refuse.
+fn apply_crdt(
+    value: &mut Value,
+    op: &CrdtOp,
+    node: NodeId,
+    limits: &calmkv_crdts::Limits,
+) -> Result<Value, CrdtError> {
+    match op {
+        CrdtOp::Counter(CounterOp::Incr(n)) => value.with_counter(|c| c.incr(node, *n)),
+        CrdtOp::Counter(CounterOp::Decr(n)) => value.with_counter(|c| c.decr(node, *n)),
+        CrdtOp::Flag(FlagOp::Enable) => value.with_flag(|f| Ok(f.enable(node))),
+        CrdtOp::Flag(FlagOp::Disable) => value.with_flag(|f| Ok(f.disable())),
+        CrdtOp::Register(text) => value.with_register(|r| {
+            // Supersede exactly this field's values: the shared context would
+            // also cover the map's other fields.
+            let seen = CausalContext::from_dots(r.entries().map(|(dot, _)| *dot));
+            r.write(node, ByteBuf::from(text.clone().into_bytes()), &seen, limits)
+        }),
+        CrdtOp::Set(set_op) => value.with_set(|s| {
+            let mut delta = s.add_all(node, set_op.add.iter().cloned(), limits)?;
+            if !set_op.remove.is_empty() {
+                delta.merge(&s.remove_all(&set_op.remove));
+            }
+            Ok(delta)
+        }),
+        CrdtOp::Map(map_op) => value.with_map(|m| {
+            let mut delta = OrMap::new();
+            for (field, nested) in &map_op.update {
+                delta.merge(
+                    &m.update(field.clone(), limits, |v| apply_crdt(v, nested, node, limits))?,
+                );
+            }
+            for field in &map_op.remove {
+                delta.merge(&m.remove(field));
+            }
+            Ok(delta)
+        }),
+    }
+}

@@ -1,0 +1,228 @@
+//! The sled engine: the only file that knows sled.
+//!
+//! # Group commit
+//!
+//! Under [`Durability::Sync`] every `apply` must wait for an fsync, but one
+//! fsync covers every write before it. So writers number their batches (the
+//! number is taken after the batch is in sled, under the flush lock); a writer
+//! needing generation `g` waits until `flushed >= g`. If no flush is running, it
+//! becomes the leader: it notes the newest generation applied, flushes without
+//! the lock, then publishes that generation as flushed and wakes everyone. Writers
+//! that arrive during a flush wait for the next one, which then covers all of
+//! them: N concurrent writers cost about two fsyncs, not N.
+
+use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default)]
+struct FlushState {
+    /// Generation of the newest applied batch.
+    applied: u64,
+    /// Every batch up to this generation is durable.
+    flushed: u64,
+    /// A leader is flushing now.
+    flushing: bool,
+    /// The last error of the background flusher (interval mode), if any.
+    background_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct FlushTimes {
+    count: u64,
+    total: Duration,
+    max: Duration,
+}
+
+struct Shared {
+    db: sled::Db,
+    state: Mutex<FlushState>,
+    flushed_cond: Condvar,
+    times: Mutex<FlushTimes>,
+    batches: AtomicU64,
+    stop: AtomicBool,
+    stop_cond: Condvar,
+    stop_lock: Mutex<()>,
+}
+
+/// The durable engine, on sled 0.34.
+pub struct SledStore {
+    shared: Arc<Shared>,
+    durability: Durability,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let shared = Arc::new(Shared {
+            db,
+            state: Mutex::new(FlushState::default()),
+            flushed_cond: Condvar::new(),
+            times: Mutex::new(FlushTimes::default()),
+            batches: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            stop_cond: Condvar::new(),
+            stop_lock: Mutex::new(()),
+        });
+        let flusher = match durability {
+            Durability::Interval(period) => {
+                let shared = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name("calmkv-flusher".into())
+                    .spawn(move || shared.flush_periodically(period))
+                    .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+                Some(thread)
+            }
+            Durability::Sync | Durability::None => None,
+        };
+        Ok(SledStore { shared, durability, flusher })
+    }
+
+    /// The durability this store was opened with.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+}
+
+impl Shared {
+    fn lock_state(&self) -> MutexGuard<'_, FlushState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns once every batch up to `generation` is durable (group commit).
+    fn wait_flushed(&self, generation: u64) -> Result<(), StoreError> {
+        let mut state = self.lock_state();
+        loop {
+            if state.flushed >= generation {
+                return Ok(());
+            }
+            if state.flushing {
+                state = self.flushed_cond.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            state.flushing = true;
+            let target = state.applied;
+            drop(state);
+            let result = self.timed_flush();
+            state = self.lock_state();
+            state.flushing = false;
+            if result.is_ok() {
+                state.flushed = state.flushed.max(target);
+            }
+            self.flushed_cond.notify_all();
+            result?;
+        }
+    }
+
+    fn timed_flush(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        self.db.flush()?;
+        let elapsed = started.elapsed();
+        let mut times = self.times.lock().unwrap_or_else(|p| p.into_inner());
+        times.count += 1;
+        times.total += elapsed;
+        times.max = times.max.max(elapsed);
+        Ok(())
+    }
+
+    fn flush_periodically(&self, period: Duration) {
+        let mut guard = self.stop_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while !self.stop.load(Ordering::Acquire) {
+            let (next, _) =
+                self.stop_cond.wait_timeout(guard, period).unwrap_or_else(|p| p.into_inner());
+            guard = next;
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            let generation = self.lock_state().applied;
+            if let Err(error) = self.wait_flushed(generation) {
+                tracing::error!(%error, "background flush failed");
+                self.lock_state().background_error = Some(error.to_string());
+            }
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.shared.db.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.shared.db.range(scan_start(prefix, start_after)..) {
+            let (key, value) = entry?;
+            if !key.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut sled_batch = sled::Batch::default();
+        for change in batch.changes {
+            match change {
+                Change::Put(k, v) => sled_batch.insert(k, v),
+                Change::Delete(k) => sled_batch.remove(k),
+            }
+        }
+        self.shared.db.apply_batch(sled_batch)?;
+        self.shared.batches.fetch_add(1, Ordering::Relaxed);
+        let generation = {
+            let mut state = self.shared.lock_state();
+            if let Some(reason) = state.background_error.take() {
+                return Err(StoreError::FlushFailed { reason });
+            }
+            state.applied += 1;
+            state.applied
+        };
+        match self.durability {
+            Durability::Sync => self.shared.wait_flushed(generation),
+            Durability::Interval(_) | Durability::None => Ok(()),
+        }
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let generation = self.shared.lock_state().applied;
+        self.shared.wait_flushed(generation)
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        let times = self.shared.times.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(StoreStats {
+            size_bytes: self.shared.db.size_on_disk()?,
+            flushes: times.count,
+            batches: self.shared.batches.load(Ordering::Relaxed),
+            flush_seconds_total: times.total.as_secs_f64(),
+            flush_seconds_max: times.max.as_secs_f64(),
+        })
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if let Some(flusher) = self.flusher.take() {
+            {
+                let _guard = self.shared.stop_lock.lock().unwrap_or_else(|p| p.into_inner());
+                self.shared.stop.store(true, Ordering::Release);
+                self.shared.stop_cond.notify_all();
+            }
+            let _ = flusher.join();
+        }
+        if let Err(error) = self.shared.db.flush() {
+            tracing::error!(%error, "final flush failed");
+        }
+    }
+}
