@@ -81,8 +81,9 @@ impl Histogram {
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braced} {sum}");
+        let _ = writeln!(out, "{name}_count{braced} {count}");
         for (q, label) in [(0.5, "0.5"), (0.99, "0.99"), (0.999, "0.999")] {
             if let Some(v) = self.quantile_seconds(q) {
                 let _ = writeln!(out, "{name}_quantile{{{labels}{sep}quantile=\"{label}\"}} {v}");
@@ -130,8 +131,13 @@ impl Metrics {
         self.latency.lock().unwrap_or_else(|p| p.into_inner()).get(route).cloned()
     }
 
-    /// Renders the HTTP metrics; `extra` appends gauges owned elsewhere.
-    pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
+    /// Renders the HTTP metrics; `gauges` and `histograms` (name, help, value)
+    /// append metrics owned elsewhere.
+    pub fn render(
+        &self,
+        gauges: &[(&str, &str, f64)],
+        histograms: &[(&str, &str, &Histogram)],
+    ) -> String {
         let mut out = String::new();
         out.push_str(
             "# HELP calmkv_http_requests_total HTTP requests by route, method and status.\n",
@@ -169,8 +175,12 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
-        for (name, help, value) in extra {
+        for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        for (name, help, histogram) in histograms {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            histogram.render(&mut out, name, "");
         }
         out
     }
@@ -202,11 +212,18 @@ mod tests {
     fn rendering_lists_requests_and_quantiles() {
         let m = Metrics::default();
         m.record_request("/v1/kv/{*key}", "GET", 200, Duration::from_micros(120));
-        let text = m.render(&[("calmkv_store_size_bytes", "Store size.", 42.0)]);
+        let flushes = Histogram::default();
+        flushes.observe(Duration::from_millis(2));
+        let text = m.render(
+            &[("calmkv_store_size_bytes", "Store size.", 42.0)],
+            &[("calmkv_store_flush_seconds", "Flush latency.", &flushes)],
+        );
         assert!(text.contains(
             "calmkv_http_requests_total{route=\"/v1/kv/{*key}\",method=\"GET\",status=\"200\"} 1"
         ));
         assert!(text.contains("calmkv_http_request_duration_seconds_quantile{route=\"/v1/kv/{*key}\",quantile=\"0.99\"} 0.0002"));
         assert!(text.contains("calmkv_store_size_bytes 42"));
+        assert!(text.contains("calmkv_store_flush_seconds_count 1"));
+        assert!(text.contains("calmkv_store_flush_seconds_quantile{quantile=\"0.5\"} 0.0032"));
     }
 }

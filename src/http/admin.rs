@@ -1,6 +1,7 @@
 //! Health, readiness, cluster membership and metrics.
 
 use super::{ApiError, AppState};
+use crate::metrics::Histogram;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -37,8 +38,10 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
         Ok(stats) => stats.map_err(crate::NodeError::from)?,
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     };
-    let gauges = store.gauges();
-    let extra: Vec<(&str, &str, f64)> = gauges.iter().map(|(n, h, v)| (*n, *h, *v)).collect();
-    let text = state.inner.metrics.render(&extra);
+    let histograms: Vec<(&str, &str, &Histogram)> = match &store.flush_latency {
+        Some(h) => vec![("calmkv_store_flush_seconds", "Latency of store flushes (fsync).", h)],
+        None => vec![],
+    };
+    let text = state.inner.metrics.render(&store.gauges(), &histograms);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

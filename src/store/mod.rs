@@ -13,7 +13,9 @@ pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use sled_engine::SledStore;
 
+use crate::metrics::Histogram;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// When a write counts as done.
@@ -82,18 +84,14 @@ impl Batch {
 }
 
 /// Numbers an engine reports for the metrics endpoint.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct StoreStats {
     /// Bytes the engine occupies (on disk, or in memory for the memory engine).
     pub size_bytes: u64,
-    /// Flushes (fsyncs) done.
-    pub flushes: u64,
     /// Batches applied.
     pub batches: u64,
-    /// Total time spent flushing, in seconds.
-    pub flush_seconds_total: f64,
-    /// The longest flush, in seconds.
-    pub flush_seconds_max: f64,
+    /// Latency of each flush (fsync); `None` for an engine that never flushes.
+    pub flush_latency: Option<Arc<Histogram>>,
 }
 
 impl StoreStats {
@@ -105,10 +103,7 @@ impl StoreStats {
                 "Bytes the storage engine occupies.",
                 self.size_bytes as f64,
             ),
-            ("calmkv_store_flushes", "Flushes (fsyncs) done.", self.flushes as f64),
             ("calmkv_store_batches", "Write batches applied.", self.batches as f64),
-            ("calmkv_store_flush_seconds_total", "Time spent flushing.", self.flush_seconds_total),
-            ("calmkv_store_flush_seconds_max", "Longest flush.", self.flush_seconds_max),
         ]
     }
 }

@@ -12,6 +12,7 @@
 //! them: N concurrent writers cost about two fsyncs, not N.
 
 use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
+use crate::metrics::Histogram;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -30,18 +31,11 @@ struct FlushState {
     background_error: Option<String>,
 }
 
-#[derive(Debug, Default)]
-struct FlushTimes {
-    count: u64,
-    total: Duration,
-    max: Duration,
-}
-
 struct Shared {
     db: sled::Db,
     state: Mutex<FlushState>,
     flushed_cond: Condvar,
-    times: Mutex<FlushTimes>,
+    flush_latency: Arc<Histogram>,
     batches: AtomicU64,
     stop: AtomicBool,
     stop_cond: Condvar,
@@ -63,7 +57,7 @@ impl SledStore {
             db,
             state: Mutex::new(FlushState::default()),
             flushed_cond: Condvar::new(),
-            times: Mutex::new(FlushTimes::default()),
+            flush_latency: Arc::new(Histogram::default()),
             batches: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             stop_cond: Condvar::new(),
@@ -122,11 +116,7 @@ impl Shared {
     fn timed_flush(&self) -> Result<(), StoreError> {
         let started = Instant::now();
         self.db.flush()?;
-        let elapsed = started.elapsed();
-        let mut times = self.times.lock().unwrap_or_else(|p| p.into_inner());
-        times.count += 1;
-        times.total += elapsed;
-        times.max = times.max.max(elapsed);
+        self.flush_latency.observe(started.elapsed());
         Ok(())
     }
 
@@ -200,13 +190,10 @@ impl Store for SledStore {
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
-        let times = self.shared.times.lock().unwrap_or_else(|p| p.into_inner());
         Ok(StoreStats {
             size_bytes: self.shared.db.size_on_disk()?,
-            flushes: times.count,
             batches: self.shared.batches.load(Ordering::Relaxed),
-            flush_seconds_total: times.total.as_secs_f64(),
-            flush_seconds_max: times.max.as_secs_f64(),
+            flush_latency: Some(self.shared.flush_latency.clone()),
         })
     }
 }
@@ -292,7 +279,8 @@ mod tests {
             let state = store.shared.lock_state();
             assert_eq!(state.flushed, state.applied, "every acknowledged batch is flushed");
             assert_eq!(stats.batches, (threads * per_thread) as u64);
-            assert!(stats.flushes >= 1 && stats.flushes <= stats.batches, "{stats:?}");
+            let flushes = stats.flush_latency.unwrap().count();
+            assert!(flushes >= 1 && flushes <= stats.batches, "{flushes} flushes");
         }
         let store = open(dir.path(), Durability::Sync);
         for t in 0..threads {
