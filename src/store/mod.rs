@@ -116,9 +116,9 @@ pub enum StoreError {
     /// durable; a failed read changed nothing.
     #[error("storage engine: {source}")]
     Engine {
-        /// The engine's error.
-        #[from]
-        source: sled::Error,
+        /// The engine's error (kept opaque so that only the engine's file knows
+        /// the engine).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A file of the data directory could not be read or written.
     #[error("{}: {source}", path.display())]

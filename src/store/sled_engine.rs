@@ -42,6 +42,12 @@ struct Shared {
     stop_lock: Mutex<()>,
 }
 
+impl From<sled::Error> for StoreError {
+    fn from(error: sled::Error) -> Self {
+        StoreError::Engine { source: Box::new(error) }
+    }
+}
+
 /// The durable engine, on sled 0.34.
 pub struct SledStore {
     shared: Arc<Shared>,
