@@ -15,7 +15,7 @@ pub use error::{ApiError, RETRY_AFTER_SECS};
 
 use crate::metrics::Metrics;
 use crate::Node;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .fallback(|| async { ApiError::NotFound { what: "route".into() } })
+        .layer(DefaultBodyLimit::max(state.node().limits().body_bytes_max))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), shed_and_time_out))
         .layer(middleware::from_fn_with_state(state.clone(), record))
