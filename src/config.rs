@@ -54,6 +54,6 @@ impl Config {
             let sled = SledStore::open(&self.data_dir.join("store"), self.durability)?;
             (id, Arc::new(sled))
         };
-        Ok(Node::new(NodeId(id), store, self.limits.clone()))
+        Node::open(NodeId(id), store, self.limits.clone())
     }
 }

@@ -72,6 +72,12 @@ pub enum NodeError {
         #[from]
         source: StoreError,
     },
+    /// An entry of the digest index is malformed: the data on disk is damaged.
+    #[error("digest index entry {entry:?} is malformed")]
+    CorruptIndex {
+        /// The index entry's key.
+        entry: String,
+    },
     /// A stored value could not be decoded: the data on disk is damaged or was
     /// written by an incompatible version. Nothing changed.
     #[error("stored value of key {key:?} is unreadable: {source}")]
@@ -94,7 +100,9 @@ impl NodeError {
             NodeError::TooManySiblings { .. } => "too_many_siblings",
             NodeError::LimitExceeded { .. } => "limit_exceeded",
             NodeError::PreconditionFailed { .. } => "precondition_failed",
-            NodeError::Store { .. } | NodeError::Corrupt { .. } => "internal",
+            NodeError::Store { .. }
+            | NodeError::Corrupt { .. }
+            | NodeError::CorruptIndex { .. } => "internal",
         }
     }
 }

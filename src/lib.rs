@@ -27,6 +27,8 @@
 //! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
 //! - `store/`: the [`Store`](store::Store) trait, the sled and in-memory engines,
 //!   durability and the node id.
+//! - `replication/`: the digest of the key space (anti-entropy) and, to come,
+//!   delta push and harvest reads.
 //! - `http/`: the HTTP API (axum), its limits, errors and metrics.
 //! - [`Config`] and [`Limits`]: every setting and bound.
 
@@ -40,6 +42,7 @@ pub mod metrics;
 pub mod node;
 pub mod op;
 pub mod read;
+pub mod replication;
 pub mod store;
 
 pub use config::Config;

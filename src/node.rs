@@ -11,6 +11,7 @@ use crate::envelope::{Envelope, KeyType};
 use crate::error::NodeError;
 use crate::op::{Action, CounterOp, CrdtOp, FlagOp, Key, Op};
 use crate::read::ReadResult;
+use crate::replication::digest::{bucket_of, entry_hash, Digest};
 use crate::store::{Batch, Store};
 use crate::Limits;
 use calmkv_crdts::{
@@ -24,6 +25,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// Prefix of the store keys that hold user keys; other prefixes are free for the
 /// node's own records.
 const DATA_PREFIX: &[u8] = b"d/";
+/// Prefix of the digest index: `h/` + bucket (u16, big-endian) + key → the key's
+/// entry hash (u64, little-endian). Written in the same batch as the key, so the
+/// index never disagrees with the data.
+const HASH_PREFIX: &[u8] = b"h/";
+/// Index entries read per store call while rebuilding the digest on open.
+const DIGEST_REBUILD_PAGE: usize = 4096;
 /// Number of key-lock stripes: enough that unrelated keys rarely share one.
 const KEY_LOCK_STRIPES: usize = 1024;
 /// A scan visits at most this many stored keys per key returned, so a prefix
@@ -64,20 +71,36 @@ pub struct Node {
     key_locks: Box<[Mutex<()>]>,
     lock_hasher: std::collections::hash_map::RandomState,
     clock: Mutex<HybridClock>,
+    digest: Digest,
 }
 
 impl Node {
-    /// A node with identity `id` over `store`.
-    pub fn new(id: NodeId, store: Arc<dyn Store>, limits: Limits) -> Node {
+    /// A node with identity `id` over `store`; rebuilds the digest of the key space
+    /// from the store's index (one pass over the index, not over the data).
+    pub fn open(id: NodeId, store: Arc<dyn Store>, limits: Limits) -> Result<Node, NodeError> {
         let key_locks = (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
-        Node {
+        let digest = Digest::default();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let rows = store.scan_prefix(HASH_PREFIX, after.as_deref(), DIGEST_REBUILD_PAGE)?;
+            for (index_key, value) in &rows {
+                let (bucket, hash) = parse_index_entry(index_key, value)?;
+                digest.replace(bucket, 0, hash);
+            }
+            match rows.last() {
+                Some((last, _)) if rows.len() == DIGEST_REBUILD_PAGE => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        Ok(Node {
             id,
             store,
             limits,
             key_locks,
             lock_hasher: Default::default(),
             clock: Mutex::new(HybridClock::new()),
-        }
+            digest,
+        })
     }
 
     /// This node's identity.
@@ -100,12 +123,11 @@ impl Node {
     pub fn apply(&self, op: &Op) -> Result<Applied, NodeError> {
         op.validate(&self.limits)?;
         let _guard = self.lock(&op.key);
-        let current = self.load(&op.key)?;
+        let (current, stored) = self.load_raw(&op.key)?;
         let mut state = current.clone();
         let delta = self.execute(&mut state, op)?;
         if state != current {
-            let bytes = encode(&state).expect("an envelope always encodes");
-            self.store.apply(Batch::new().put(store_key(&op.key), bytes))?;
+            self.write(&op.key, &state, stored.as_deref())?;
         }
         Ok(Applied { state, delta })
     }
@@ -115,13 +137,12 @@ impl Node {
     /// Returns whether the key changed; stored with the store's durability.
     pub fn merge(&self, key: &Key, remote: &Envelope) -> Result<bool, NodeError> {
         let _guard = self.lock(key);
-        let current = self.load(key)?;
+        let (current, stored) = self.load_raw(key)?;
         let merged = current.merged(remote);
         if merged == current {
             return Ok(false);
         }
-        let bytes = encode(&merged).expect("an envelope always encodes");
-        self.store.apply(Batch::new().put(store_key(key), bytes))?;
+        self.write(key, &merged, stored.as_deref())?;
         Ok(true)
     }
 
@@ -187,12 +208,52 @@ impl Node {
     }
 
     fn load(&self, key: &Key) -> Result<Envelope, NodeError> {
+        Ok(self.load_raw(key)?.0)
+    }
+
+    /// The key's envelope and the bytes it was decoded from (`None` when absent).
+    fn load_raw(&self, key: &Key) -> Result<(Envelope, Option<Vec<u8>>), NodeError> {
         match self.store.get(&store_key(key))? {
-            None => Ok(Envelope::default()),
+            None => Ok((Envelope::default(), None)),
             Some(bytes) => {
-                decode(&bytes).map_err(|source| NodeError::Corrupt { key: key.to_string(), source })
+                let envelope = decode(&bytes)
+                    .map_err(|source| NodeError::Corrupt { key: key.to_string(), source })?;
+                Ok((envelope, Some(bytes)))
             }
         }
+    }
+
+    /// Stores a key's new state and its digest entry in one batch, then moves the
+    /// in-memory digest. Called under the key's lock.
+    fn write(&self, key: &Key, state: &Envelope, previous: Option<&[u8]>) -> Result<(), NodeError> {
+        let bytes = encode(state).expect("an envelope always encodes");
+        let bucket = bucket_of(key.as_str());
+        let old_hash = previous.map_or(0, |old| entry_hash(key.as_str(), old));
+        let new_hash = entry_hash(key.as_str(), &bytes);
+        let batch = Batch::new()
+            .put(store_key(key), bytes)
+            .put(index_key(bucket, key.as_str()), new_hash.to_le_bytes().to_vec());
+        self.store.apply(batch)?;
+        self.digest.replace(bucket, old_hash, new_hash);
+        Ok(())
+    }
+
+    /// The digest of this node's key space.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The keys of one digest bucket with their entry hashes, in key order.
+    pub fn bucket_entries(&self, bucket: u16) -> Result<Vec<(String, u64)>, NodeError> {
+        let prefix = [HASH_PREFIX, &bucket.to_be_bytes()].concat();
+        let rows = self.store.scan_prefix(&prefix, None, usize::MAX)?;
+        rows.iter()
+            .map(|(index_key, value)| {
+                let (_, hash) = parse_index_entry(index_key, value)?;
+                let key = String::from_utf8_lossy(&index_key[prefix.len()..]).into_owned();
+                Ok((key, hash))
+            })
+            .collect()
     }
 
     fn now(&self) -> calmkv_crdts::Hlc {
@@ -246,6 +307,23 @@ impl Node {
 
 fn store_key(key: &Key) -> Vec<u8> {
     [DATA_PREFIX, key.as_str().as_bytes()].concat()
+}
+
+fn index_key(bucket: u16, key: &str) -> Vec<u8> {
+    [HASH_PREFIX, &bucket.to_be_bytes(), key.as_bytes()].concat()
+}
+
+/// The bucket and hash of a digest index entry.
+fn parse_index_entry(index_key: &[u8], value: &[u8]) -> Result<(u16, u64), NodeError> {
+    let corrupt =
+        || NodeError::CorruptIndex { entry: String::from_utf8_lossy(index_key).into_owned() };
+    let bucket = index_key.get(HASH_PREFIX.len()..HASH_PREFIX.len() + 2).ok_or_else(corrupt)?;
+    let bucket = u16::from_be_bytes([bucket[0], bucket[1]]);
+    let hash: [u8; 8] = value.try_into().map_err(|_| corrupt())?;
+    if usize::from(bucket) >= crate::replication::digest::BUCKETS {
+        return Err(corrupt());
+    }
+    Ok((bucket, u64::from_le_bytes(hash)))
 }
 
 fn check_type(key: &str, present: &[KeyType], wanted: KeyType) -> Result<(), NodeError> {
@@ -332,7 +410,7 @@ mod tests {
     use bytes::Bytes;
 
     fn node(id: u64) -> Node {
-        Node::new(NodeId(id), Arc::new(MemoryStore::new()), Limits::default())
+        Node::open(NodeId(id), Arc::new(MemoryStore::new()), Limits::default()).unwrap()
     }
 
     fn key(k: &str) -> Key {

@@ -77,7 +77,9 @@ fn node_status(error: &NodeError) -> StatusCode {
         | NodeError::TooManySiblings { .. }
         | NodeError::LimitExceeded { .. } => StatusCode::CONFLICT,
         NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-        NodeError::Store { .. } | NodeError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        NodeError::Store { .. } | NodeError::Corrupt { .. } | NodeError::CorruptIndex { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 

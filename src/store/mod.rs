@@ -24,7 +24,7 @@ use std::time::Duration;
 /// |---|---|---|
 /// | `Sync` (default) | after the batch is fsynced; concurrent writers share one fsync (group commit) | nothing acknowledged |
 /// | `Interval(d)` | at once; a background thread fsyncs every `d` | writes acknowledged in the last `d` (plus the fsync time) |
-/// | `None` | at once; only the engine's own background flushing (sled: every 500 ms by default, while the process lives) | any write not yet flushed by the engine |
+/// | `None` | at once; a background flush every 500 ms, nothing more | the writes of the last 500 ms, or more under load |
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Durability {
     /// Acknowledge after fsync, with group commit.

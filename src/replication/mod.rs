@@ -1,0 +1,8 @@
+//! Replication between nodes: what travels, and how differences are found.
+//!
+//! Built sans-IO: the digest and the anti-entropy exchange take inputs and return
+//! outputs, so a deterministic simulator can drive them with any interleaving,
+//! loss or duplication, and the network layer only moves bytes.
+
+pub mod anti_entropy;
+pub mod digest;
