@@ -6,3 +6,7 @@
 
 pub mod anti_entropy;
 pub mod digest;
+pub mod frame;
+pub mod harvest;
+pub mod message;
+pub mod outbox;

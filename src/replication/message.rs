@@ -1,0 +1,40 @@
+//! Messages between nodes over the peer channel.
+
+use super::anti_entropy::AntiEntropy;
+use crate::envelope::Envelope;
+use serde::{Deserialize, Serialize};
+
+/// One message of the peer protocol. Every message may be lost, duplicated or
+/// reordered; every handler is idempotent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    /// Deltas of local writes, to merge. With `ack`, the receiver answers
+    /// [`PeerMessage::Acked`] once they are stored (for writes with `w > 1`).
+    Deltas {
+        /// (key, delta) pairs.
+        deltas: Vec<(String, Envelope)>,
+        /// Correlates the acknowledgement, when one is wanted.
+        ack: Option<u64>,
+    },
+    /// The deltas of `Deltas { ack: Some(id) }` are stored.
+    Acked {
+        /// The `ack` of the deltas.
+        id: u64,
+    },
+    /// A step of anti-entropy.
+    AntiEntropy(AntiEntropy),
+    /// Asks for a key's state (a read with `consistency` above `local`).
+    Read {
+        /// Correlates the answer.
+        id: u64,
+        /// The key.
+        key: String,
+    },
+    /// A key's state (empty when the key was never written).
+    ReadReply {
+        /// The `id` of the read.
+        id: u64,
+        /// The state.
+        state: Envelope,
+    },
+}
