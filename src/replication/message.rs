@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 /// reordered; every handler is idempotent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerMessage {
+    /// The first frame on every connection: who is sending. Everything after it
+    /// on the connection is from that node; answers go back on the receiver's own
+    /// connection to it.
+    Hello {
+        /// The sending node.
+        from: u64,
+    },
     /// Deltas of local writes, to merge. With `ack`, the receiver answers
     /// [`PeerMessage::Acked`] once they are stored (for writes with `w > 1`).
     Deltas {

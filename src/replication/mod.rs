@@ -5,8 +5,10 @@
 //! loss or duplication, and the network layer only moves bytes.
 
 pub mod anti_entropy;
+pub mod cluster;
 pub mod digest;
 pub mod frame;
 pub mod harvest;
 pub mod message;
 pub mod outbox;
+pub mod peer;

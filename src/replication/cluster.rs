@@ -1,0 +1,233 @@
+//! Cluster operations over the peer channel: writes that wait for `w` replicas,
+//! reads that ask several replicas with a deadline and report their harvest, and
+//! the periodic anti-entropy round.
+//!
+//! Placement goes through [`Cluster::replicas_for`]: today every key lives on
+//! every node, but nothing else assumes so.
+
+use super::harvest::{Consistency, Harvest};
+use super::message::PeerMessage;
+use super::peer::PeerChannel;
+use crate::envelope::Envelope;
+use crate::op::{Key, Op};
+use crate::{Applied, Node, NodeError};
+use calmkv_crdts::{Crdt, NodeId};
+use rand::seq::IndexedRandom;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How many replicas a write waits for before it is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteQuorum {
+    /// The local replica, durable as configured (the default).
+    #[default]
+    #[serde(rename = "1")]
+    One,
+    /// A majority of the replicas.
+    Quorum,
+    /// Every replica.
+    All,
+}
+
+/// Why a cluster operation could not be answered as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The node refused or failed.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// Fewer replicas answered a read than its consistency and `min_harvest` ask.
+    #[error("only {harvest} of the replicas answered by the deadline")]
+    InsufficientHarvest {
+        /// What was gathered.
+        harvest: Harvest,
+    },
+    /// Fewer replicas acknowledged a write than `w` asks; the write is applied
+    /// locally and will still reach the others.
+    #[error("the write is applied here, but only {acked} of {wanted} replicas acknowledged it by the deadline")]
+    InsufficientAcks {
+        /// Replicas (this one included) that acknowledged.
+        acked: usize,
+        /// Replicas wanted.
+        wanted: usize,
+    },
+}
+
+/// A read's merged state and how complete it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterRead {
+    /// The merge of every state that arrived.
+    pub state: Envelope,
+    /// How many replicas it reflects.
+    pub harvest: Harvest,
+}
+
+/// A node with its peer channel.
+pub struct Cluster {
+    channel: Arc<PeerChannel>,
+}
+
+impl Cluster {
+    /// Cluster operations over `channel`.
+    pub fn new(channel: Arc<PeerChannel>) -> Cluster {
+        Cluster { channel }
+    }
+
+    /// The peer channel.
+    pub fn channel(&self) -> &Arc<PeerChannel> {
+        &self.channel
+    }
+
+    fn node(&self) -> &Arc<Node> {
+        self.channel.node()
+    }
+
+    /// The nodes that hold `key`: today, this node and every peer.
+    pub fn replicas_for(&self, _key: &Key) -> Vec<NodeId> {
+        let mut replicas = vec![self.node().id()];
+        replicas.extend(self.channel.peers().into_iter().map(|p| p.id));
+        replicas
+    }
+
+    /// Applies a write locally and pushes its delta to the other replicas; with
+    /// `w` above one, waits until that many replicas (this one included) have
+    /// stored it, or the deadline.
+    pub async fn write(
+        &self,
+        op: Op,
+        w: WriteQuorum,
+        timeout: Duration,
+    ) -> Result<Applied, ClusterError> {
+        let node = self.node().clone();
+        let key = op.key.clone();
+        let applied = blocking(move || node.apply(&op)).await?;
+        let replicas = self.replicas_for(&key).len();
+        let wanted = match w {
+            WriteQuorum::One => 1,
+            WriteQuorum::Quorum => replicas / 2 + 1,
+            WriteQuorum::All => replicas,
+        };
+        if wanted <= 1 {
+            self.channel.replicate(key.as_str(), &applied.delta, None);
+            return Ok(applied);
+        }
+        let id = self.channel.next_id();
+        let mut answers = self.channel.wait_for(id);
+        self.channel.replicate(key.as_str(), &applied.delta, Some(id));
+        let deadline = Instant::now() + timeout;
+        let mut acked = 1;
+        while acked < wanted {
+            match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Ok(Some((_, PeerMessage::Acked { .. }))) => acked += 1,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.channel.forget(id);
+        if acked < wanted {
+            return Err(ClusterError::InsufficientAcks { acked, wanted });
+        }
+        Ok(applied)
+    }
+
+    /// Reads a key from the replicas `consistency` asks for, merging what arrives
+    /// by `timeout`; repairs replicas that answered with less than the merge.
+    pub async fn read(
+        &self,
+        key: &Key,
+        consistency: Consistency,
+        timeout: Duration,
+        min_harvest: f64,
+    ) -> Result<ClusterRead, ClusterError> {
+        let node = self.node().clone();
+        let local = blocking({
+            let key = key.clone();
+            move || node.envelope(&key)
+        })
+        .await?;
+        let replicas = self.replicas_for(key).len();
+        if consistency == Consistency::Local {
+            let harvest = Harvest { answered: 1, replicas };
+            if !harvest.satisfies(consistency, min_harvest) {
+                return Err(ClusterError::InsufficientHarvest { harvest });
+            }
+            return Ok(ClusterRead { state: local, harvest });
+        }
+        let id = self.channel.next_id();
+        let mut answers = self.channel.wait_for(id);
+        for peer in self.channel.peers() {
+            self.channel.send(peer.id, &PeerMessage::Read { id, key: key.to_string() });
+        }
+        let deadline = Instant::now() + timeout;
+        let mut states: BTreeMap<NodeId, Envelope> = BTreeMap::from([(self.node().id(), local)]);
+        while states.len() < replicas {
+            match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Ok(Some((from, PeerMessage::ReadReply { state, .. }))) => {
+                    states.insert(from, state);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        self.channel.forget(id);
+        let merged = states.values().fold(Envelope::default(), |acc, s| acc.merged(s));
+        self.repair(key, &merged, &states).await?;
+        let harvest = Harvest { answered: states.len(), replicas };
+        if !harvest.satisfies(consistency, min_harvest) {
+            return Err(ClusterError::InsufficientHarvest { harvest });
+        }
+        Ok(ClusterRead { state: merged, harvest })
+    }
+
+    /// Sends the merged state to every replica that answered with less.
+    async fn repair(
+        &self,
+        key: &Key,
+        merged: &Envelope,
+        states: &BTreeMap<NodeId, Envelope>,
+    ) -> Result<(), ClusterError> {
+        for (id, state) in states {
+            if state == merged {
+                continue;
+            }
+            if *id == self.node().id() {
+                let (node, key, merged) = (self.node().clone(), key.clone(), merged.clone());
+                blocking(move || node.merge(&key, &merged)).await?;
+            } else {
+                let deltas = vec![(key.to_string(), merged.clone())];
+                self.channel.send(*id, &PeerMessage::Deltas { deltas, ack: None });
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one anti-entropy round with a random peer; `false` when there is none.
+    pub fn anti_entropy_round(&self) -> bool {
+        let peers = self.channel.peers();
+        match peers.choose(&mut rand::rng()) {
+            Some(peer) => self.channel.start_anti_entropy(peer.id),
+            None => false,
+        }
+    }
+
+    /// Runs anti-entropy rounds every `period` until the task is aborted.
+    pub async fn run_anti_entropy(self: Arc<Self>, period: Duration) {
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.anti_entropy_round();
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
+) -> Result<T, NodeError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
