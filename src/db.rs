@@ -127,11 +127,7 @@ impl Handle<'_> {
     /// The key's envelope, refused when it holds anything but `wanted`.
     fn read(&self, wanted: KeyType) -> Result<Envelope, NodeError> {
         let envelope = self.db.node.envelope(&self.db.key(&self.key)?)?;
-        let types = envelope.types();
-        if types.iter().any(|t| *t != wanted) {
-            let found = types.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" and ");
-            return Err(NodeError::TypeMismatch { key: self.key.clone(), wanted, found });
-        }
+        crate::node::check_type(&self.key, &envelope.types(), wanted)?;
         Ok(envelope)
     }
 }

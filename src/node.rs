@@ -326,7 +326,8 @@ fn parse_index_entry(index_key: &[u8], value: &[u8]) -> Result<(u16, u64), NodeE
     Ok((bucket, u64::from_le_bytes(hash)))
 }
 
-fn check_type(key: &str, present: &[KeyType], wanted: KeyType) -> Result<(), NodeError> {
+/// Refuses an operation of type `wanted` on a key holding other types.
+pub(crate) fn check_type(key: &str, present: &[KeyType], wanted: KeyType) -> Result<(), NodeError> {
     if present.iter().all(|t| *t == wanted) {
         return Ok(());
     }
