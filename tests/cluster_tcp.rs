@@ -98,7 +98,8 @@ async fn a_write_on_one_node_reaches_the_others() {
     let nodes = cluster(3, None).await;
     nodes[0].cluster.write(incr("visits", 5), WriteQuorum::One, DEADLINE).await.unwrap();
     nodes[2].cluster.write(incr("visits", 2), WriteQuorum::One, DEADLINE).await.unwrap();
-    eventually("every node counts 7", || nodes.iter().all(|n| n.counter("visits") == Some(7))).await;
+    eventually("every node counts 7", || nodes.iter().all(|n| n.counter("visits") == Some(7)))
+        .await;
     let top = nodes[0].node().digest().top();
     assert!(nodes.iter().all(|n| n.node().digest().top() == top));
 }
@@ -112,7 +113,10 @@ async fn w_all_waits_for_every_replica_and_says_when_one_is_missing() {
     nodes[2].stop_listening();
     let short = Duration::from_millis(300);
     let refused = nodes[0].cluster.write(incr("c", 1), WriteQuorum::All, short).await;
-    assert!(matches!(refused, Err(ClusterError::InsufficientAcks { acked: 2, wanted: 3 })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(ClusterError::InsufficientAcks { acked: 2, wanted: 3 })),
+        "{refused:?}"
+    );
     assert_eq!(nodes[0].counter("c"), Some(2), "the write is applied locally anyway");
     nodes[0].cluster.write(incr("c", 1), WriteQuorum::Quorum, DEADLINE).await.unwrap();
     // Deltas written into the broken connection are lost; once the node is
@@ -171,7 +175,10 @@ async fn anti_entropy_repairs_writes_whose_deltas_were_lost() {
     })
     .await;
     assert!(nodes.iter().all(|n| n.counter("ae/49") == Some(1)));
-    let repaired: u64 = nodes.iter().map(|n| n.cluster.channel().metrics().keys_repaired.load(Ordering::Relaxed)).sum();
+    let repaired: u64 = nodes
+        .iter()
+        .map(|n| n.cluster.channel().metrics().keys_repaired.load(Ordering::Relaxed))
+        .sum();
     assert!(repaired >= 100, "each of 50 keys was missing on two nodes; repaired {repaired}");
 }
 

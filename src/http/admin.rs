@@ -42,6 +42,12 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
         Some(h) => vec![("calmkv_store_flush_seconds", "Latency of store flushes (fsync).", h)],
         None => vec![],
     };
-    let text = state.inner.metrics.render(&store.gauges(), &histograms);
+    let mut gauges = store.gauges();
+    gauges.push((
+        "calmkv_http_in_flight_requests",
+        "HTTP requests being served (this one included), bounded by the in-flight limit.",
+        state.in_flight_requests() as f64,
+    ));
+    let text = state.inner.metrics.render(&gauges, &histograms);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

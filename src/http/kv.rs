@@ -13,7 +13,7 @@ use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use calmkv_crdts::CausalContext;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// The causal context of a key, as an opaque token (base64url of its encoding).
@@ -80,11 +80,28 @@ fn written(response: impl IntoResponse, applied: &Applied) -> Response {
     response
 }
 
-/// A typed value as JSON with the read's context added.
-fn typed_json(value: &TypedValue, context: &CausalContext) -> serde_json::Value {
-    let mut json = serde_json::to_value(value).expect("typed values serialize");
-    json["context"] = json!(context_token(context));
-    json
+/// A typed value as JSON with the read's context added:
+/// `{"type": .., "value": .., "context": ..}`.
+///
+/// Serialized straight into the body, never through `serde_json::Value`: a
+/// counter is an `i128`, and a `Value` cannot hold one outside the `i64`/`u64`
+/// range (one `decr` of `u64::MAX` gets there).
+#[derive(Serialize)]
+struct TypedJson<'a> {
+    #[serde(flatten)]
+    value: &'a TypedValue,
+    context: String,
+}
+
+fn typed_json<'a>(value: &'a TypedValue, context: &CausalContext) -> TypedJson<'a> {
+    TypedJson { value, context: context_token(context) }
+}
+
+/// A key created concurrently with several types: `{"conflict": [..], "context": ..}`.
+#[derive(Serialize)]
+struct ConflictJson<'a> {
+    conflict: &'a [TypedValue],
+    context: String,
 }
 
 /// `GET /v1/kv/{key}`.
@@ -110,7 +127,7 @@ pub(super) async fn get(
         }
         [one] => Json(typed_json(one, &context)).into_response(),
         many => {
-            let body = json!({ "conflict": many, "context": context_token(&context) });
+            let body = ConflictJson { conflict: many, context: context_token(&context) };
             (StatusCode::MULTIPLE_CHOICES, Json(body)).into_response()
         }
     };
@@ -196,12 +213,24 @@ pub(super) async fn post(
     let node = state.node().clone();
     let applied = blocking(move || node.apply(&Op { key, action: Action::Crdt(op) })).await?;
     let value = TypedValue::all_of(&applied.state.value).into_iter().find(|v| v.key_type() == kind);
-    let body = match value {
-        Some(value) => typed_json(&value, applied.context()),
-        // The operation removed the last content (e.g. the last member of a set).
-        None => json!({ "type": kind, "value": null, "context": context_token(applied.context()) }),
-    };
-    Ok(written(Json(body), &applied))
+    // None: the operation removed the last content (the last member of a set, or
+    // disabled a flag); the key now reads as absent, and the answer is the empty
+    // value of its type, which keeps the documented shape (`false`, `[]`, `{}`).
+    let value = value.unwrap_or_else(|| empty_value(kind));
+    Ok(written(Json(typed_json(&value, applied.context())), &applied))
+}
+
+/// The value of a type with no live content.
+fn empty_value(kind: crate::KeyType) -> TypedValue {
+    use crate::KeyType;
+    match kind {
+        KeyType::Counter => TypedValue::Counter(0),
+        KeyType::Set => TypedValue::Set(Vec::new()),
+        KeyType::Map => TypedValue::Map(Default::default()),
+        KeyType::Flag => TypedValue::Flag(false),
+        // A register write always leaves a value; no operation empties one.
+        KeyType::Register | KeyType::Lww => TypedValue::Register(Vec::new()),
+    }
 }
 
 #[derive(Deserialize)]

@@ -14,9 +14,9 @@ mod kv;
 pub use error::{ApiError, RETRY_AFTER_SECS};
 
 use crate::metrics::Metrics;
-use crate::Node;
+use crate::{Key, Node};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, Method};
+use axum::http::{header, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
@@ -73,6 +73,14 @@ impl AppState {
     fn node(&self) -> &Arc<Node> {
         &self.inner.node
     }
+
+    /// Requests holding an in-flight permit right now (at most
+    /// [`Limits::in_flight_requests_max`](crate::Limits)); `/healthz` and `/readyz`
+    /// never take one. Exposed as the `calmkv_http_in_flight_requests` gauge.
+    pub fn in_flight_requests(&self) -> usize {
+        let max = self.node().limits().in_flight_requests_max;
+        max.saturating_sub(self.inner.in_flight.available_permits())
+    }
 }
 
 /// Every route the API serves, with its methods; the router is built from this
@@ -106,7 +114,7 @@ pub fn router(state: AppState) -> Router {
         router = router.route(path, method_router);
     }
     router
-        .fallback(|| async { ApiError::NotFound { what: "route".into() } })
+        .fallback(unrouted)
         .layer(DefaultBodyLimit::max(state.node().limits().body_bytes_max))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), shed_and_time_out))
@@ -122,6 +130,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Answers what no route matched. `/v1/kv/` is the key path with an empty key
+/// (`{*key}` needs at least one character): that is a bad key, not a missing
+/// route, and must not read as `404` (which a client takes for an absent key).
+async fn unrouted(State(state): State<AppState>, uri: Uri) -> ApiError {
+    if uri.path() == "/v1/kv/" {
+        let empty = Key::new("", state.node().limits()).expect_err("an empty key is refused");
+        return ApiError::Node(empty);
+    }
+    ApiError::NotFound { what: "route".into() }
 }
 
 async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -169,7 +188,9 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is `Bearer`.
+        .and_then(|(scheme, token)| scheme.eq_ignore_ascii_case("Bearer").then_some(token));
     match presented {
         Some(presented) if constant_time_eq(presented.as_bytes(), token.as_bytes()) => {
             next.run(request).await
