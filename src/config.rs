@@ -44,6 +44,7 @@ impl Config {
 
     /// Opens the store and the node identity, and builds the node.
     pub fn open_node(&self) -> Result<Node, NodeError> {
+        self.limits.validate().map_err(|reason| NodeError::InvalidConfig { reason })?;
         let (id, store): (u64, Arc<dyn Store>) = if self.in_memory {
             (store::random_node_id(), Arc::new(MemoryStore::new()))
         } else {

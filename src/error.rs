@@ -65,6 +65,13 @@ pub enum NodeError {
         /// The key.
         key: String,
     },
+    /// The configuration cannot work (a zero bound, a value larger than a body).
+    /// Nothing was opened.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: String,
+    },
     /// The storage engine failed; the operation may not have been applied.
     #[error("storage: {source}")]
     Store {
@@ -94,6 +101,7 @@ impl NodeError {
     pub fn code(&self) -> &'static str {
         match self {
             NodeError::BadKey { .. } => "bad_key",
+            NodeError::InvalidConfig { .. } => "internal",
             NodeError::BadRequest { .. } => "bad_request",
             NodeError::ValueTooLarge { .. } => "payload_too_large",
             NodeError::TypeMismatch { .. } => "type_mismatch",

@@ -59,6 +59,36 @@ impl Limits {
     /// Default largest context token (64 KiB).
     pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
 
+    /// Checks that the bounds can work together: every count at least 1, a value
+    /// smaller than a request body, a member no larger than a value.
+    pub fn validate(&self) -> Result<(), String> {
+        let counts = [
+            ("key_bytes_max", self.key_bytes_max),
+            ("value_bytes_max", self.value_bytes_max),
+            ("member_bytes_max", self.member_bytes_max),
+            ("body_bytes_max", self.body_bytes_max),
+            ("members_max", self.members_max),
+            ("siblings_max", self.siblings_max),
+            ("map_depth_max", self.map_depth_max),
+            ("in_flight_requests_max", self.in_flight_requests_max),
+            ("scan_page_max", self.scan_page_max),
+            ("context_bytes_max", self.context_bytes_max),
+        ];
+        if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
+            return Err(format!("{name} must be at least 1"));
+        }
+        if self.value_bytes_max >= self.body_bytes_max {
+            return Err("value_bytes_max must be smaller than body_bytes_max".into());
+        }
+        if self.member_bytes_max > self.value_bytes_max {
+            return Err("member_bytes_max must not exceed value_bytes_max".into());
+        }
+        if self.request_timeout.is_zero() {
+            return Err("request_timeout must be longer than zero".into());
+        }
+        Ok(())
+    }
+
     /// The bounds the CRDT mutators enforce.
     pub fn crdt(&self) -> calmkv_crdts::Limits {
         calmkv_crdts::Limits { members_max: self.members_max, siblings_max: self.siblings_max }
@@ -84,5 +114,25 @@ impl Default for Limits {
             request_timeout: Self::REQUEST_TIMEOUT,
             context_bytes_max: Self::CONTEXT_BYTES_MAX,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_zero_bound_or_a_value_larger_than_a_body_is_refused() {
+        let zero = Limits { in_flight_requests_max: 0, ..Limits::default() };
+        assert_eq!(zero.validate(), Err("in_flight_requests_max must be at least 1".into()));
+        let inverted = Limits { value_bytes_max: 10, body_bytes_max: 10, ..Limits::default() };
+        assert!(inverted.validate().is_err());
+        let no_time = Limits { request_timeout: Duration::ZERO, ..Limits::default() };
+        assert!(no_time.validate().is_err());
     }
 }

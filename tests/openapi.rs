@@ -130,7 +130,7 @@ async fn every_method_outside_the_route_table_is_refused_with_405() {
 /// One error of every variant of [`NodeError`]. A new variant breaks the match in
 /// `node_variant`; give it the next index, raise `NODE_VARIANTS` and add a sample.
 fn every_node_error() -> Vec<NodeError> {
-    const NODE_VARIANTS: usize = 10;
+    const NODE_VARIANTS: usize = 11;
     fn node_variant(error: &NodeError) -> usize {
         match error {
             NodeError::BadKey { .. } => 0,
@@ -143,6 +143,7 @@ fn every_node_error() -> Vec<NodeError> {
             NodeError::Store { .. } => 7,
             NodeError::CorruptIndex { .. } => 8,
             NodeError::Corrupt { .. } => 9,
+            NodeError::InvalidConfig { .. } => 10,
         }
     }
     let decode_error = calmkv_crdts::decode::<calmkv::Envelope>(&[]).expect_err("empty input");
@@ -157,6 +158,7 @@ fn every_node_error() -> Vec<NodeError> {
         NodeError::Store { source: StoreError::FlushFailed { reason: "r".into() } },
         NodeError::CorruptIndex { entry: "e".into() },
         NodeError::Corrupt { key: "k".into(), source: decode_error },
+        NodeError::InvalidConfig { reason: "r".into() },
     ];
     let covered: BTreeSet<usize> = samples.iter().map(node_variant).collect();
     assert_eq!(covered, (0..NODE_VARIANTS).collect(), "a NodeError variant has no sample");

@@ -77,7 +77,10 @@ fn node_status(error: &NodeError) -> StatusCode {
         | NodeError::TooManySiblings { .. }
         | NodeError::LimitExceeded { .. } => StatusCode::CONFLICT,
         NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-        NodeError::Store { .. } | NodeError::Corrupt { .. } | NodeError::CorruptIndex { .. } => {
+        NodeError::Store { .. }
+        | NodeError::Corrupt { .. }
+        | NodeError::CorruptIndex { .. }
+        | NodeError::InvalidConfig { .. } => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
     }
