@@ -544,3 +544,17 @@ async fn an_unknown_route_is_404_and_a_wrong_method_is_405_with_allow() {
     assert_eq!(error_of(post).await, (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed".into()));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_single_node_answers_reads_above_local_with_full_harvest_and_writes_with_w_all() {
+    let server = TestServer::start().await;
+    let put = send(server.put("/v1/kv/h?w=all&timeout_ms=500").body("v")).await;
+    assert_eq!(put.status(), StatusCode::NO_CONTENT);
+    let read = send(server.get("/v1/kv/h?consistency=all&min_harvest=1")).await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(header(&read, "x-harvest"), Some("1.00"));
+    assert_eq!(header(&read, "x-replicas"), Some("1/1"));
+    let local = send(server.get("/v1/kv/h")).await;
+    assert_eq!(header(&local, "x-harvest"), None, "a local read makes no claim about other replicas");
+    server.stop().await;
+}

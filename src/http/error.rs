@@ -1,6 +1,7 @@
 //! HTTP errors: every refusal as `{"error":{"code":"...","message":"..."}}` with a
 //! stable code and its status (DESIGN.md §7), mapped in one place.
 
+use crate::replication::cluster::ClusterError;
 use crate::NodeError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -48,6 +49,21 @@ pub enum ApiError {
         /// The timeout.
         timeout_ms: u128,
     },
+    /// Fewer replicas answered a read than its consistency and `min_harvest` ask.
+    #[error("only {harvest} of the replicas answered by the deadline")]
+    InsufficientHarvest {
+        /// What was gathered, e.g. `0.33 (1/3)`.
+        harvest: String,
+    },
+    /// Fewer replicas acknowledged a write than `w` asks; it is applied here and
+    /// will still reach the others.
+    #[error("the write is applied here, but only {acked} of {wanted} replicas acknowledged it by the deadline")]
+    InsufficientReplicas {
+        /// Replicas (this one included) that acknowledged.
+        acked: usize,
+        /// Replicas wanted.
+        wanted: usize,
+    },
     /// The method is not served on this path.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -64,6 +80,12 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::InsufficientHarvest { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "insufficient_harvest")
+            }
+            ApiError::InsufficientReplicas { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "insufficient_replicas")
+            }
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
         }
     }
@@ -80,8 +102,20 @@ fn node_status(error: &NodeError) -> StatusCode {
         NodeError::Store { .. }
         | NodeError::Corrupt { .. }
         | NodeError::CorruptIndex { .. }
-        | NodeError::InvalidConfig { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
+        | NodeError::InvalidConfig { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            ClusterError::Node(e) => ApiError::Node(e),
+            ClusterError::InsufficientHarvest { harvest } => {
+                ApiError::InsufficientHarvest { harvest: harvest.to_string() }
+            }
+            ClusterError::InsufficientAcks { acked, wanted } => {
+                ApiError::InsufficientReplicas { acked, wanted }
+            }
         }
     }
 }

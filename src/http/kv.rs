@@ -3,6 +3,8 @@
 use super::{ApiError, AppState};
 use crate::op::{Action, CrdtOp, Key, Op};
 use crate::read::{ReadResult, TypedValue};
+use crate::replication::cluster::WriteQuorum;
+use crate::replication::harvest::Consistency;
 use crate::{Applied, Limits, NodeError};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -15,9 +17,14 @@ use base64::Engine;
 use calmkv_crdts::CausalContext;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use std::time::Duration;
 
 /// The causal context of a key, as an opaque token (base64url of its encoding).
 pub const X_CONTEXT: HeaderName = HeaderName::from_static("x-context");
+/// The fraction of replicas a read reflects, e.g. `0.67`.
+pub const X_HARVEST: HeaderName = HeaderName::from_static("x-harvest");
+/// Replicas a read reflects over replicas of the key, e.g. `2/3`.
+pub const X_REPLICAS: HeaderName = HeaderName::from_static("x-replicas");
 /// Whether a write was coordinated: `none` (local) or `quorum`.
 pub const X_COORDINATION: HeaderName = HeaderName::from_static("x-coordination");
 
@@ -104,19 +111,57 @@ struct ConflictJson<'a> {
     context: String,
 }
 
+/// Replicas a read asks, and how long it waits: `?consistency=&timeout_ms=&min_harvest=`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReadParams {
+    #[serde(default)]
+    consistency: Consistency,
+    timeout_ms: Option<u64>,
+    min_harvest: Option<f64>,
+}
+
+/// How long a read over several replicas waits when `timeout_ms` is not given.
+pub const READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(1);
+/// How long a write with `w` above 1 waits when `timeout_ms` is not given.
+pub const WRITE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
+/// A client's `timeout_ms` (refused past the request timeout), or the default
+/// (cut to the request timeout).
+fn timeout_of(
+    timeout_ms: Option<u64>,
+    default: Duration,
+    limits: &Limits,
+) -> Result<Duration, ApiError> {
+    let Some(timeout_ms) = timeout_ms else { return Ok(default.min(limits.request_timeout)) };
+    let timeout = Duration::from_millis(timeout_ms);
+    if timeout.is_zero() || timeout > limits.request_timeout {
+        let max = limits.request_timeout.as_millis();
+        return Err(ApiError::BadRequest {
+            reason: format!("timeout_ms must be between 1 and {max}"),
+        });
+    }
+    Ok(timeout)
+}
+
 /// `GET /v1/kv/{key}`.
 pub(super) async fn get(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let key = key_of(path, state.node().limits())?;
-    let node = state.node().clone();
-    let read = blocking({
-        let key = key.clone();
-        move || node.read(&key)
-    })
-    .await?;
-    let Some(ReadResult { values, context }) = read else {
+    let limits = state.node().limits();
+    let key = key_of(path, limits)?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
+    let min_harvest = params.min_harvest.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_harvest) {
+        return Err(ApiError::BadRequest { reason: "min_harvest must be between 0 and 1".into() });
+    }
+    let timeout = timeout_of(params.timeout_ms, READ_TIMEOUT_DEFAULT, limits)?;
+    let read = state.cluster().read(&key, params.consistency, timeout, min_harvest).await?;
+    let harvest = (params.consistency != Consistency::Local || params.min_harvest.is_some())
+        .then_some(read.harvest);
+    let Some(ReadResult { values, context }) = ReadResult::of(&read.state) else {
         return Err(ApiError::NotFound { what: format!("key {:?}", key.as_str()) });
     };
     let response = match values.as_slice() {
@@ -131,7 +176,14 @@ pub(super) async fn get(
             (StatusCode::MULTIPLE_CHOICES, Json(body)).into_response()
         }
     };
-    Ok(with_context(response, &context))
+    let mut response = with_context(response, &context);
+    if let Some(harvest) = harvest {
+        let headers = response.headers_mut();
+        headers.insert(X_HARVEST, HeaderValue::from_str(&harvest.header()).expect("digits"));
+        headers
+            .insert(X_REPLICAS, HeaderValue::from_str(&harvest.replicas_header()).expect("digits"));
+    }
+    Ok(response)
 }
 
 fn raw(bytes: bytes::Bytes) -> Response {
@@ -143,6 +195,29 @@ fn raw(bytes: bytes::Bytes) -> Response {
 pub(super) struct PutParams {
     #[serde(rename = "type")]
     kind: Option<String>,
+    #[serde(default)]
+    w: WriteQuorum,
+    timeout_ms: Option<u64>,
+}
+
+/// Replicas a write waits for: `?w=1|quorum|all&timeout_ms=`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WriteParams {
+    #[serde(default)]
+    w: WriteQuorum,
+    timeout_ms: Option<u64>,
+}
+
+/// Applies a write through the cluster, waiting for `w` replicas.
+async fn write(
+    state: &AppState,
+    op: Op,
+    w: WriteQuorum,
+    timeout_ms: Option<u64>,
+) -> Result<Applied, ApiError> {
+    let timeout = timeout_of(timeout_ms, WRITE_TIMEOUT_DEFAULT, state.node().limits())?;
+    Ok(state.cluster().write(op, w, timeout).await?)
 }
 
 /// `PUT /v1/kv/{key}`: set a register (`?type=lww` for last-writer-wins).
@@ -179,8 +254,7 @@ pub(super) async fn put(
             })
         }
     };
-    let node = state.node().clone();
-    let applied = blocking(move || node.apply(&Op { key, action })).await?;
+    let applied = write(&state, Op { key, action }, params.w, params.timeout_ms).await?;
     Ok(written(if if_absent { StatusCode::CREATED } else { StatusCode::NO_CONTENT }, &applied))
 }
 
@@ -188,13 +262,14 @@ pub(super) async fn put(
 pub(super) async fn delete(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    params: Result<Query<WriteParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = key_of(path, state.node().limits())?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
     let context = parse_context(&headers, state.node().limits())?;
-    let node = state.node().clone();
-    let applied =
-        blocking(move || node.apply(&Op { key, action: Action::Delete { context } })).await?;
+    let op = Op { key, action: Action::Delete { context } };
+    let applied = write(&state, op, params.w, params.timeout_ms).await?;
     Ok(written(StatusCode::NO_CONTENT, &applied))
 }
 
@@ -202,16 +277,18 @@ pub(super) async fn delete(
 pub(super) async fn post(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    params: Result<Query<WriteParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let limits = state.node().limits();
     let key = key_of(path, limits)?;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
     let body = body_of(body, limits)?;
     let op: CrdtOp = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest { reason: format!("not a CRDT operation: {e}") })?;
     let kind = crate::KeyType::from(op.kind());
-    let node = state.node().clone();
-    let applied = blocking(move || node.apply(&Op { key, action: Action::Crdt(op) })).await?;
+    let applied =
+        write(&state, Op { key, action: Action::Crdt(op) }, params.w, params.timeout_ms).await?;
     let value = TypedValue::all_of(&applied.state.value).into_iter().find(|v| v.key_type() == kind);
     // None: the operation removed the last content (the last member of a set, or
     // disabled a flag); the key now reads as absent, and the answer is the empty

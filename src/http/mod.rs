@@ -14,6 +14,9 @@ mod kv;
 pub use error::{ApiError, RETRY_AFTER_SECS};
 
 use crate::metrics::Metrics;
+use crate::replication::cluster::Cluster;
+use crate::replication::outbox::OUTBOX_BYTES_MAX;
+use crate::replication::peer::PeerChannel;
 use crate::{Key, Node};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, Method, Uri};
@@ -39,6 +42,7 @@ pub struct AppState {
 
 struct Inner {
     node: Arc<Node>,
+    cluster: Arc<Cluster>,
     metrics: Arc<Metrics>,
     auth_token: Option<String>,
     in_flight: Arc<Semaphore>,
@@ -55,19 +59,29 @@ pub struct HttpConfig {
 }
 
 impl AppState {
-    /// State for a node.
+    /// State for a single node that replicates to nobody.
     pub fn new(node: Arc<Node>, metrics: Arc<Metrics>, config: HttpConfig) -> AppState {
+        let channel = PeerChannel::new(node, None, OUTBOX_BYTES_MAX);
+        AppState::with_cluster(Arc::new(Cluster::new(channel)), metrics, config)
+    }
+
+    /// State for a node that replicates through `cluster`.
+    pub fn with_cluster(
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+        config: HttpConfig,
+    ) -> AppState {
+        let node = cluster.channel().node().clone();
         let in_flight = Arc::new(Semaphore::new(node.limits().in_flight_requests_max));
         let auth_token = config.auth_token.filter(|t| !t.is_empty());
+        let http_addr = config.http_addr;
         AppState {
-            inner: Arc::new(Inner {
-                node,
-                metrics,
-                auth_token,
-                in_flight,
-                http_addr: config.http_addr,
-            }),
+            inner: Arc::new(Inner { node, cluster, metrics, auth_token, in_flight, http_addr }),
         }
+    }
+
+    fn cluster(&self) -> &Arc<Cluster> {
+        &self.inner.cluster
     }
 
     fn node(&self) -> &Arc<Node> {
