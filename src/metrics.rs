@@ -131,8 +131,8 @@ impl Metrics {
         self.latency.lock().unwrap_or_else(|p| p.into_inner()).get(route).cloned()
     }
 
-    /// Renders the HTTP metrics; `gauges` and `histograms` (name, help, value)
-    /// append metrics owned elsewhere.
+    /// Renders the HTTP metrics; `gauges` (counters when named `*_total`) and
+    /// `histograms`, each (name, help, value), append metrics owned elsewhere.
     pub fn render(
         &self,
         gauges: &[(&str, &str, f64)],
@@ -176,7 +176,9 @@ impl Metrics {
             );
         }
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            // By Prometheus convention a `_total` is a counter; the rest are gauges.
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         for (name, help, histogram) in histograms {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");

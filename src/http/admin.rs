@@ -48,6 +48,15 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
         "HTTP requests being served (this one included), bounded by the in-flight limit.",
         state.in_flight_requests() as f64,
     ));
+    let channel = state.cluster().channel();
+    gauges.extend(channel.metrics().exposition());
+    gauges.push(("calmkv_peers", "Peers this node replicates to.", channel.peers().len() as f64));
+    let backlog: usize = channel.outbox_bytes().iter().map(|(_, bytes)| bytes).sum();
+    gauges.push((
+        "calmkv_replication_backlog_bytes",
+        "Bytes waiting in peer outboxes: how far replication lags behind local writes.",
+        backlog as f64,
+    ));
     let text = state.inner.metrics.render(&gauges, &histograms);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }

@@ -75,6 +75,61 @@ pub struct PeerMetrics {
     pub connects: AtomicU64,
 }
 
+impl PeerMetrics {
+    /// The counters as Prometheus metrics: (name, help, value).
+    pub fn exposition(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        vec![
+            (
+                "calmkv_peer_frames_queued_total",
+                "Frames queued for peers.",
+                get(&self.frames_queued),
+            ),
+            (
+                "calmkv_peer_frames_dropped_total",
+                "Frames dropped because a peer's outbox was full.",
+                get(&self.frames_dropped),
+            ),
+            ("calmkv_peer_bytes_sent_total", "Bytes written to peers.", get(&self.bytes_sent)),
+            (
+                "calmkv_peer_frames_received_total",
+                "Frames received from peers and accepted.",
+                get(&self.frames_received),
+            ),
+            (
+                "calmkv_peer_bytes_received_total",
+                "Bytes received in accepted frames.",
+                get(&self.bytes_received),
+            ),
+            (
+                "calmkv_peer_frames_refused_total",
+                "Frames refused: oversized, unauthenticated or malformed.",
+                get(&self.frames_refused),
+            ),
+            (
+                "calmkv_replication_deltas_applied_total",
+                "Deltas from peers that changed a key.",
+                get(&self.deltas_applied),
+            ),
+            (
+                "calmkv_anti_entropy_rounds_total",
+                "Anti-entropy rounds started.",
+                get(&self.anti_entropy_rounds),
+            ),
+            (
+                "calmkv_anti_entropy_keys_repaired_total",
+                "Keys changed by anti-entropy.",
+                get(&self.keys_repaired),
+            ),
+            (
+                "calmkv_peer_connects_total",
+                "Connections established to peers.",
+                get(&self.connects),
+            ),
+        ]
+    }
+}
+
 struct Link {
     outbox: Arc<Outbox>,
     task: JoinHandle<()>,
