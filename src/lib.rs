@@ -30,6 +30,8 @@
 //! - `replication/`: the digest of the key space (anti-entropy) and, to come,
 //!   delta push and harvest reads.
 //! - `http/`: the HTTP API (axum), its limits, errors and metrics.
+//! - [`server::Server`] (`server.rs`): a whole running node — store, HTTP, peer
+//!   channel, anti-entropy — for `calmkv serve`, `calmkv demo` and the examples.
 //! - [`Config`] and [`Limits`]: every setting and bound.
 
 pub mod config;
@@ -43,6 +45,7 @@ pub mod node;
 pub mod op;
 pub mod read;
 pub mod replication;
+pub mod server;
 pub mod store;
 
 pub use config::Config;
