@@ -555,6 +555,10 @@ async fn a_single_node_answers_reads_above_local_with_full_harvest_and_writes_wi
     assert_eq!(header(&read, "x-harvest"), Some("1.00"));
     assert_eq!(header(&read, "x-replicas"), Some("1/1"));
     let local = send(server.get("/v1/kv/h")).await;
-    assert_eq!(header(&local, "x-harvest"), None, "a local read makes no claim about other replicas");
+    assert_eq!(
+        header(&local, "x-harvest"),
+        None,
+        "a local read makes no claim about other replicas"
+    );
     server.stop().await;
 }
