@@ -39,7 +39,11 @@ async fn a_write_on_node_1_is_read_on_node_3_and_a_quorum_survives_a_stopped_nod
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let all = http.get(url(&servers[1], "/v1/kv/greeting?consistency=all&min_harvest=1")).send().await.unwrap();
+    let all = http
+        .get(url(&servers[1], "/v1/kv/greeting?consistency=all&min_harvest=1"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(all.status(), 200);
     assert_eq!(all.headers()["x-replicas"], "3/3");
 
@@ -53,7 +57,11 @@ async fn a_write_on_node_1_is_read_on_node_3_and_a_quorum_survives_a_stopped_nod
         .unwrap();
     assert_eq!(quorum.status(), 200);
     assert_eq!(quorum.headers()["x-harvest"], "0.67");
-    let all = http.get(url(&servers[0], "/v1/kv/greeting?consistency=all&timeout_ms=300")).send().await.unwrap();
+    let all = http
+        .get(url(&servers[0], "/v1/kv/greeting?consistency=all&timeout_ms=300"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(all.status(), 503);
     let body: serde_json::Value = all.json().await.unwrap();
     assert_eq!(body["error"]["code"], "insufficient_harvest");
