@@ -26,7 +26,7 @@
 //!   Both faces call it and nothing else.
 //! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
 //! - `store/`: the [`Store`](store::Store) trait, the sled and in-memory engines,
-//!   durability and the node id.
+//!   durability modes and group commit, and the node id.
 //! - `replication/`: the digest of the key space (anti-entropy) and, to come,
 //!   delta push and harvest reads.
 //! - `http/`: the HTTP API (axum), its limits, errors and metrics.

@@ -4,11 +4,20 @@
 //!
 //! The store knows nothing of CRDTs: the node reads a key's bytes, merges in its
 //! own code under a per-key lock, and writes the result back in one batch.
+//!
+//! - `durability.rs`: the [`Durability`] modes and what each can lose.
+//! - `group_commit.rs`: many `Sync` writers, one flush (engine-independent).
+//! - `sled_engine.rs`: [`SledStore`], the only file that names sled.
+//! - `memory.rs`: [`MemoryStore`].
+//! - `node_id.rs`: the node id file.
 
+mod durability;
+mod group_commit;
 mod memory;
 mod node_id;
 mod sled_engine;
 
+pub use durability::{Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, UNFLUSHED_BATCHES_MAX};
 pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use sled_engine::SledStore;
@@ -16,25 +25,6 @@ pub use sled_engine::SledStore;
 use crate::metrics::Histogram;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// When a write counts as done.
-///
-/// | mode | `apply` returns | a crash (power loss, `kill -9`) can lose |
-/// |---|---|---|
-/// | `Sync` (default) | after the batch is fsynced; concurrent writers share one fsync (group commit) | nothing acknowledged |
-/// | `Interval(d)` | at once; a background thread fsyncs every `d` | writes acknowledged in the last `d` (plus the fsync time) |
-/// | `None` | at once; a background flush every 500 ms, nothing more | the writes of the last 500 ms, or more under load |
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Durability {
-    /// Acknowledge after fsync, with group commit.
-    #[default]
-    Sync,
-    /// Acknowledge at once; fsync periodically.
-    Interval(Duration),
-    /// Acknowledge at once; never fsync explicitly.
-    None,
-}
 
 /// A stored key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
@@ -86,11 +76,14 @@ impl Batch {
 /// Numbers an engine reports for the metrics endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct StoreStats {
-    /// Bytes the engine occupies (on disk, or in memory for the memory engine).
+    /// Bytes the engine occupies: on disk for sled (its data file and blob
+    /// files), keys plus values for the memory engine.
     pub size_bytes: u64,
     /// Batches applied.
     pub batches: u64,
-    /// Latency of each flush (fsync); `None` for an engine that never flushes.
+    /// Latency of each flush this engine ran itself (group commits and explicit
+    /// flushes; not sled's own periodic flusher under `Interval` and `None`).
+    /// `None` for an engine that never flushes.
     pub flush_latency: Option<Arc<Histogram>>,
 }
 
@@ -108,19 +101,21 @@ impl StoreStats {
     }
 }
 
-/// Why a store operation failed. The operation may or may not have been applied
-/// only where the variant says so.
+/// Why a store operation failed. Each variant says whether the store changed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The engine failed. A failed `apply` may have been applied but not made
-    /// durable; a failed read changed nothing.
+    /// The engine failed. A failed read changed nothing; a failed `apply` may
+    /// have applied its batch (visible to reads) without making it durable.
     #[error("storage engine: {source}")]
     Engine {
         /// The engine's error (kept opaque so that only the engine's file knows
         /// the engine).
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A file of the data directory could not be read or written.
+    /// A file of the data directory could not be read, written or synced. When
+    /// it was the sync of a flush, the store refuses writes from then on
+    /// ([`StoreError::FlushFailed`]); the batch being acknowledged, if any, is
+    /// applied but not durable.
     #[error("{}: {source}", path.display())]
     Io {
         /// The file or directory.
@@ -129,7 +124,8 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The node id file exists but does not hold a valid id; refusing to invent a
-    /// new identity over it (that would reuse or fork the node's dots).
+    /// new identity over it (that would reuse or fork the node's dots). Nothing
+    /// changed: the file is left as found.
     #[error("{}: not a valid node id ({reason}); restore it or wipe the data directory", path.display())]
     BadNodeId {
         /// The file.
@@ -137,24 +133,50 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The background flusher failed earlier; durability can no longer be promised.
-    #[error("an earlier flush failed: {reason}")]
+    /// A flush failed, now or earlier. The kernel may have dropped the pages it
+    /// could not write, so a later flush proves nothing: the store refuses every
+    /// write from then on, before applying it (nothing changed), until the node
+    /// restarts and recovers from what reached the disk. A `Sync` `apply` that was
+    /// waiting when the flush failed has its batch applied but not durable.
+    #[error("an earlier flush failed, so writes are refused until restart: {reason}")]
     FlushFailed {
-        /// What the engine said then.
+        /// What the first failed flush said.
         reason: String,
+    },
+    /// The data directory is locked by another process, or by a handle of this
+    /// process that did not close in time. Nothing was opened.
+    #[error("{} is in use by another process (or another store of this one): {source}", path.display())]
+    Locked {
+        /// The directory.
+        path: PathBuf,
+        /// What the engine said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The durability setting cannot be used. Nothing was opened.
+    #[error("durability {durability:?}: {reason}")]
+    InvalidDurability {
+        /// The setting.
+        durability: Durability,
+        /// What is wrong with it.
+        reason: &'static str,
     },
 }
 
 /// An ordered key-value engine with atomic batches and a durability barrier.
 ///
-/// Calls block (a `Sync` apply waits for fsync); async callers run them on the
-/// blocking pool.
+/// Both engines have the same semantics: a batch is atomic (all or nothing, even
+/// across a crash) and isolated (a `get` or a scan page sees all of it or none of
+/// it); a scan page is ordered by key.
+///
+/// Calls block (a `Sync` apply waits for the disk); async callers run them on
+/// the blocking pool (`tokio::task::spawn_blocking`).
 pub trait Store: Send + Sync {
     /// The value of `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Up to `limit` entries whose keys start with `prefix`, in key order, after
-    /// `start_after` (exclusive) when given.
+    /// `start_after` (exclusive) when given. A page is one consistent view: it
+    /// holds all of a concurrent batch or none of it.
     fn scan_prefix(
         &self,
         prefix: &[u8],
@@ -162,10 +184,12 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError>;
 
-    /// Applies every change of `batch` atomically, durable as configured.
+    /// Applies every change of `batch` atomically (a later change to a key wins),
+    /// durable as configured.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
 
-    /// Returns once everything applied so far is durable.
+    /// Returns once everything applied before the call is durable, in every
+    /// durability mode.
     fn flush(&self) -> Result<(), StoreError>;
 
     /// Size and flush numbers for the metrics.
@@ -181,5 +205,112 @@ pub(crate) fn scan_start(prefix: &[u8], start_after: Option<&[u8]>) -> Vec<u8> {
             start
         }
         _ => prefix.to_vec(),
+    }
+}
+
+/// Behaviour both engines must share, run against each.
+#[cfg(test)]
+mod contract_tests {
+    use super::*;
+    use std::thread;
+
+    /// Each engine, named, with the directory that must outlive it.
+    fn engines() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStore::open(dir.path(), Durability::Sync).unwrap();
+        vec![("memory", Box::new(MemoryStore::new()), None), ("sled", Box::new(sled), Some(dir))]
+    }
+
+    fn keys(rows: Vec<Entry>) -> Vec<String> {
+        rows.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_batch_applies_every_change_in_order() {
+        for (name, store, _dir) in engines() {
+            store.apply(Batch::new().put("a", "1").put("b", "2")).unwrap();
+            store.apply(Batch::new().delete("a").put("b", "3").put("c", "4").delete("c")).unwrap();
+            store.apply(Batch::new().put("d", "1").put("d", "2")).unwrap();
+            assert_eq!(store.get(b"a").unwrap(), None, "{name}");
+            assert_eq!(store.get(b"b").unwrap(), Some(b"3".to_vec()), "{name}");
+            assert_eq!(store.get(b"c").unwrap(), None, "{name}");
+            assert_eq!(store.get(b"d").unwrap(), Some(b"2".to_vec()), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_changes_nothing() {
+        for (name, store, _dir) in engines() {
+            store.apply(Batch::new().put("k", "v")).unwrap();
+            store.apply(Batch::new()).unwrap();
+            let all = store.scan_prefix(b"", None, usize::MAX).unwrap();
+            assert_eq!(all, [(b"k".to_vec(), b"v".to_vec())], "{name}");
+        }
+    }
+
+    #[test]
+    fn scan_respects_prefix_limit_and_cursor() {
+        for (name, store, _dir) in engines() {
+            let mut batch = Batch::new().put("a", "").put("c", "");
+            for key in ["b/1", "b/2", "b/3", "b0"] {
+                batch = batch.put(key, key);
+            }
+            store.apply(batch).unwrap();
+            let scan = |prefix: &str, after: Option<&str>, limit| {
+                keys(store.scan_prefix(prefix.as_bytes(), after.map(str::as_bytes), limit).unwrap())
+            };
+            assert_eq!(scan("b/", None, 2), ["b/1", "b/2"], "{name}");
+            assert_eq!(scan("b/", Some("b/2"), 2), ["b/3"], "{name}");
+            assert_eq!(scan("b/", Some("b/3"), 2), [] as [&str; 0], "{name}");
+            assert_eq!(scan("b/", None, 0), [] as [&str; 0], "{name}");
+            assert_eq!(scan("", None, 100).len(), 6, "{name}");
+            // A cursor before the prefix starts at the prefix; one past it ends.
+            assert_eq!(scan("b/", Some("a"), 10), ["b/1", "b/2", "b/3"], "{name}");
+            assert_eq!(scan("b/", Some("b0"), 10), [] as [&str; 0], "{name}");
+            // A cursor that is not a stored key still splits the range.
+            assert_eq!(scan("b/", Some("b/15"), 10), ["b/2", "b/3"], "{name}");
+            assert_eq!(scan("", Some("b/3"), 10), ["b0", "c"], "{name}");
+        }
+    }
+
+    /// A writer moves a token between the first and the last key of a prefix, one
+    /// batch per move, with enough keys between them that sled keeps the two in
+    /// different tree nodes; every scan page sees the token exactly once.
+    #[test]
+    fn a_scan_never_sees_half_a_batch() {
+        for (name, store, _dir) in engines() {
+            let store: &dyn Store = &*store;
+            let mut filler = Batch::new().put("p/a", "token");
+            for i in 0..2_000 {
+                filler = filler.put(format!("p/m/{i:05}"), vec![0; 64]);
+            }
+            store.apply(filler).unwrap();
+            let moves = 200;
+            thread::scope(|scope| {
+                scope.spawn(|| {
+                    for i in 0..moves {
+                        let (from, to) = if i % 2 == 0 { ("p/a", "p/z") } else { ("p/z", "p/a") };
+                        store.apply(Batch::new().delete(from).put(to, "token")).unwrap();
+                    }
+                });
+                for _ in 0..moves {
+                    let page = store.scan_prefix(b"p/", None, usize::MAX).unwrap();
+                    let tokens = page.iter().filter(|(_, v)| v.as_slice() == b"token").count();
+                    assert_eq!(tokens, 1, "{name}: a scan saw part of a batch");
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn size_counts_the_data() {
+        for (name, store, _dir) in engines() {
+            let empty = store.stats().unwrap();
+            store.apply(Batch::new().put("k", vec![7; 10_000])).unwrap();
+            let full = store.stats().unwrap();
+            assert!(full.size_bytes >= 10_000, "{name}: {full:?}");
+            assert!(full.size_bytes > empty.size_bytes, "{name}");
+            assert_eq!(full.batches, empty.batches + 1, "{name}");
+        }
     }
 }

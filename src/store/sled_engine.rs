@@ -1,73 +1,76 @@
-//! The sled engine: the only file that knows sled.
+//! The sled engine: the only file that knows sled (0.34.7).
 //!
-//! # Group commit
+//! # Durability
 //!
-//! Under [`Durability::Sync`] every `apply` must wait for an fsync, but one
-//! fsync covers every write before it. So writers number their batches (the
-//! number is taken after the batch is in sled, under the flush lock); a writer
-//! needing generation `g` waits until `flushed >= g`. If no flush is running, it
-//! becomes the leader: it notes the newest generation applied, flushes without
-//! the lock, then publishes that generation as flushed and wakes everyone. Writers
-//! that arrive during a flush wait for the next one, which then covers all of
-//! them: N concurrent writers cost about two fsyncs, not N.
+//! - `Sync`: each `apply` waits in the group commit ([`super::group_commit`]),
+//!   whose flush is `Engine::flush_to_device`: sled's `flush()`, then an
+//!   `fdatasync` of sled's data file and of any new blob file. The `fdatasync`
+//!   is needed: on Linux, sled 0.34's `flush()` ends with `sync_file_range`,
+//!   which writes the pages out but flushes neither the device's cache nor the
+//!   file's new length, and sled writes blob files without any sync at all.
+//! - `Interval(d)`: a thread of this engine (`calmkv-flusher`) runs the same
+//!   flush every `d`, through the same group commit; it is stopped and joined
+//!   when the store is dropped. `apply` returns at once, unless more than
+//!   [`UNFLUSHED_BATCHES_MAX`] batches would be acknowledged and not durable:
+//!   then it waits for (or leads) a flush. That bound is also what keeps sled
+//!   alive: calling sled's `flush()` periodically while writers run ahead of the
+//!   disk deadlocks sled 0.34.7 within seconds (a writer holding the segment
+//!   accountant waits for a file truncation queued behind IO threads that wait
+//!   for the segment accountant; fixed upstream after 0.34.7, see
+//!   docs/benchmarks.md §5.1). With writers held within the bound, sled's IO
+//!   queue stays short, as under `Sync`, and the stress test
+//!   `sustained_writes_never_stall_in_any_durability_mode` runs clean.
+//! - `None`: no flush of this engine at all; sled's own flusher thread runs at
+//!   its default period (500 ms): it seals the current IO buffer, cleans
+//!   segments and `fsync`s the data file, without waiting for sled's IO queue,
+//!   which is unbounded. It is joined when sled's last handle is dropped.
+//!
+//! sled's flusher is also what runs sled's segment cleaning, so under `Sync` and
+//! `Interval` segments are freed only as their pages are rewritten. On an
+//! overwrite-heavy test (2,000 hot keys rewritten for 8 s beside 100,000 cold
+//! ones) disk use was the same with and without sled's flusher; a long-running
+//! node should watch `calmkv_store_size_bytes`.
+//!
+//! # Isolation
+//!
+//! A sled batch is atomic for `get`, but a sled iterator takes sled's lock per
+//! step, so a scan can see part of a concurrent batch. `scan_gate` closes that
+//! gap: `apply` holds its write side while sled applies the batch (sled
+//! serializes batches process-wide anyway), a scan page holds its read side.
 
+use super::group_commit::{CommitError, GroupCommit};
+use super::UNFLUSHED_BATCHES_MAX;
 use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
 use crate::metrics::Histogram;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Default)]
-struct FlushState {
-    /// Generation of the newest applied batch.
-    applied: u64,
-    /// Every batch up to this generation is durable.
-    flushed: u64,
-    /// A leader is flushing now.
-    flushing: bool,
-    /// The last error of the background flusher (interval mode), if any.
-    background_error: Option<String>,
-}
-
-struct Shared {
-    db: sled::Db,
-    state: Mutex<FlushState>,
-    flushed_cond: Condvar,
-    flush_latency: Arc<Histogram>,
-    batches: AtomicU64,
-    stop: AtomicBool,
-    stop_cond: Condvar,
-    stop_lock: Mutex<()>,
-}
-
 /// How long an open waits for a previous handle of the same directory, in this
-/// process, to release its file lock.
+/// process, to release its file lock: sled's IO threads finish writing after
+/// the last handle is dropped, so an immediate reopen (an embedded application
+/// closing and reopening, a restart in a test) can find the lock still taken.
+/// Another process holding the lock is reported after this bound.
 const LOCK_RELEASE_WAIT_MAX: Duration = Duration::from_secs(10);
 
-/// Opens the database, waiting (bounded) while the directory's lock is still held
-/// by a handle of this process that is shutting down: sled finishes writing on
-/// its own threads after the last handle is dropped, so an immediate reopen (an
-/// embedded application closing and reopening, a restart in a test) can find the
-/// lock still taken. Another process holding the lock fails after the bound.
-fn open_when_released(config: sled::Config) -> Result<sled::Db, StoreError> {
-    let started = Instant::now();
-    loop {
-        match config.open() {
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && started.elapsed() < LOCK_RELEASE_WAIT_MAX =>
-            {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            result => return Ok(result?),
-        }
-    }
-}
+/// How often an open looks again at a taken lock.
+const LOCK_RETRY_PERIOD: Duration = Duration::from_millis(10);
 
-/// How often [`Durability::None`] flushes in the background (sled's own default).
-const NONE_FLUSH_PERIOD: Duration = Duration::from_millis(500);
+/// sled's own flush period, used by [`Durability::None`].
+const SLED_DEFAULT_FLUSH_EVERY_MS: u64 = 500;
+
+/// sled's data file (the log), inside the store's directory.
+const DATA_FILE: &str = "db";
+
+/// sled's directory of blob files: pages too large for a log segment.
+const BLOB_DIR: &str = "blobs";
 
 impl From<sled::Error> for StoreError {
     fn from(error: sled::Error) -> Self {
@@ -76,45 +79,65 @@ impl From<sled::Error> for StoreError {
 }
 
 /// The durable engine, on sled 0.34.
+///
+/// Every call blocks; under [`Durability::Sync`], `apply` blocks until its batch
+/// is on the device.
 pub struct SledStore {
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     durability: Durability,
-    flusher: Option<JoinHandle<()>>,
+    /// See "Isolation" in the module doc.
+    scan_gate: RwLock<()>,
+    batches: AtomicU64,
+    /// The `Interval` flusher; `None` in the other modes.
+    flusher: Option<Flusher>,
+}
+
+/// What the flusher thread shares with the store.
+struct Engine {
+    db: sled::Db,
+    commit: GroupCommit,
+    files: DataFiles,
+    flush_latency: Arc<Histogram>,
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path, durability: Durability) -> Result<SledStore, StoreError> {
-        // sled's own flusher thread would keep the database (and its file lock)
-        // alive after a drop; this engine runs its own, and joins it on drop.
-        let db = open_when_released(sled::Config::new().path(dir).flush_every_ms(None))?;
-        let shared = Arc::new(Shared {
+        SledStore::open_waiting(dir, durability, LOCK_RELEASE_WAIT_MAX)
+    }
+
+    fn open_waiting(
+        dir: &Path,
+        durability: Durability,
+        lock_wait_max: Duration,
+    ) -> Result<SledStore, StoreError> {
+        let durability = durability.validate()?;
+        let sled_flush_every_ms = match durability {
+            Durability::Sync | Durability::Interval(_) => None,
+            Durability::None => Some(SLED_DEFAULT_FLUSH_EVERY_MS),
+        };
+        let config = sled::Config::new().path(dir).flush_every_ms(sled_flush_every_ms);
+        let db = open_when_released(dir, &config, lock_wait_max)?;
+        let engine = Arc::new(Engine {
             db,
-            state: Mutex::new(FlushState::default()),
-            flushed_cond: Condvar::new(),
+            commit: GroupCommit::default(),
+            files: DataFiles::open(dir)?,
             flush_latency: Arc::new(Histogram::default()),
-            batches: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            stop_cond: Condvar::new(),
-            stop_lock: Mutex::new(()),
         });
-        let background_period = match durability {
-            Durability::Interval(period) => Some(period),
-            Durability::None => Some(NONE_FLUSH_PERIOD),
-            Durability::Sync => None,
+        let flusher = match durability {
+            Durability::Interval(period) => Some(
+                Flusher::start(engine.clone(), period)
+                    .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?,
+            ),
+            Durability::Sync | Durability::None => None,
         };
-        let flusher = match background_period {
-            Some(period) => {
-                let shared = shared.clone();
-                let thread = std::thread::Builder::new()
-                    .name("calmkv-flusher".into())
-                    .spawn(move || shared.flush_periodically(period))
-                    .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
-                Some(thread)
-            }
-            None => None,
-        };
-        Ok(SledStore { shared, durability, flusher })
+        Ok(SledStore {
+            engine,
+            durability,
+            scan_gate: RwLock::new(()),
+            batches: AtomicU64::new(0),
+            flusher,
+        })
     }
 
     /// The durability this store was opened with.
@@ -123,64 +146,162 @@ impl SledStore {
     }
 }
 
-impl Shared {
-    fn lock_state(&self) -> MutexGuard<'_, FlushState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+impl Engine {
+    /// Returns once every batch up to `generation` is on the device, leading or
+    /// joining a group commit.
+    fn wait_durable(&self, generation: u64) -> Result<(), StoreError> {
+        self.commit.wait_durable(generation, || self.flush_to_device()).map_err(|e| match e {
+            CommitError::Flush(error) => error,
+            CommitError::Failed { reason } => StoreError::FlushFailed { reason },
+        })
     }
 
-    /// Returns once every batch up to `generation` is durable (group commit).
-    fn wait_flushed(&self, generation: u64) -> Result<(), StoreError> {
-        let mut state = self.lock_state();
-        loop {
-            if state.flushed >= generation {
-                return Ok(());
-            }
-            if state.flushing {
-                state = self.flushed_cond.wait(state).unwrap_or_else(|p| p.into_inner());
-                continue;
-            }
-            state.flushing = true;
-            let target = state.applied;
-            drop(state);
-            let result = self.timed_flush();
-            state = self.lock_state();
-            state.flushing = false;
-            if result.is_ok() {
-                state.flushed = state.flushed.max(target);
-            }
-            self.flushed_cond.notify_all();
-            result?;
-        }
-    }
-
-    fn timed_flush(&self) -> Result<(), StoreError> {
+    /// One flush: sled writes out everything written so far, then the files are
+    /// synced to the device.
+    fn flush_to_device(&self) -> Result<(), StoreError> {
         let started = Instant::now();
         self.db.flush()?;
+        self.files.sync()?;
         self.flush_latency.observe(started.elapsed());
         Ok(())
     }
+}
 
-    fn flush_periodically(&self, period: Duration) {
-        let mut guard = self.stop_lock.lock().unwrap_or_else(|p| p.into_inner());
-        while !self.stop.load(Ordering::Acquire) {
-            let (next, _) =
-                self.stop_cond.wait_timeout(guard, period).unwrap_or_else(|p| p.into_inner());
-            guard = next;
-            if self.stop.load(Ordering::Acquire) {
-                break;
+/// The `Interval` flusher thread: flushes every period until the store is
+/// dropped, which closes the channel and joins the thread.
+struct Flusher {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(engine: Arc<Engine>, period: Duration) -> std::io::Result<Flusher> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("calmkv-flusher".into()).spawn(move || {
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                if let Err(error) = engine.wait_durable(engine.commit.registered()) {
+                    // The store now refuses writes (FlushFailed): nothing more
+                    // to flush, and no point in logging it every period.
+                    tracing::error!(%error, "the periodic flush failed; the store refuses writes");
+                    return;
+                }
             }
-            let generation = self.lock_state().applied;
-            if let Err(error) = self.wait_flushed(generation) {
-                tracing::error!(%error, "background flush failed");
-                self.lock_state().background_error = Some(error.to_string());
+        })?;
+        Ok(Flusher { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.stop.take()); // `recv_timeout` now returns `Disconnected`
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the flusher thread panicked");
             }
         }
     }
 }
 
+/// Opens the database, waiting (bounded) while the directory's lock is taken.
+fn open_when_released(
+    dir: &Path,
+    config: &sled::Config,
+    wait_max: Duration,
+) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    loop {
+        match config.open() {
+            // sled reports the lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if started.elapsed() >= wait_max {
+                    let source = Box::new(sled::Error::Io(e));
+                    return Err(StoreError::Locked { path: dir.to_path_buf(), source });
+                }
+                std::thread::sleep(LOCK_RETRY_PERIOD);
+            }
+            result => return Ok(result?),
+        }
+    }
+}
+
+/// sled's files, synced by a flush.
+struct DataFiles {
+    data_path: PathBuf,
+    /// Kept open for `fdatasync`; never written through.
+    data_file: File,
+    blob_dir: PathBuf,
+    /// Blob files synced, with the length each had then. A blob still being
+    /// written when listed (it belongs to a later batch) is synced again by a
+    /// later flush, which finds it longer. Only the flush leader touches it.
+    synced_blobs: Mutex<HashMap<OsString, u64>>,
+}
+
+impl DataFiles {
+    /// Opens the data file, and makes the directory entries sled created durable.
+    /// Blob files found here are synced by the first flush.
+    fn open(dir: &Path) -> Result<DataFiles, StoreError> {
+        let data_path = dir.join(DATA_FILE);
+        let data_file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&data_path)
+            .map_err(|source| StoreError::Io { path: data_path.clone(), source })?;
+        let blob_dir = dir.join(BLOB_DIR);
+        sync_dir(&blob_dir)?;
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(DataFiles { data_path, data_file, blob_dir, synced_blobs: Mutex::default() })
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        self.data_file.sync_data().map_err(io(&self.data_path))?;
+        let mut synced = self.synced_blobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut listed = HashMap::with_capacity(synced.len());
+        let mut new_names = false;
+        for entry in std::fs::read_dir(&self.blob_dir).map_err(io(&self.blob_dir))? {
+            let entry = entry.map_err(io(&self.blob_dir))?;
+            let path = entry.path();
+            // sled removes blobs it no longer needs at any time: a blob gone
+            // between the listing and its sync needs no sync.
+            let len = match entry.metadata() {
+                Ok(metadata) => metadata.len(),
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&path)(e)),
+            };
+            let name = entry.file_name();
+            if synced.get(&name) != Some(&len) {
+                match File::open(&path).and_then(|file| file.sync_all()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(&path)(e)),
+                }
+                new_names |= !synced.contains_key(&name);
+            }
+            listed.insert(name, len);
+        }
+        if new_names {
+            sync_dir(&self.blob_dir)?;
+        }
+        *synced = listed;
+        Ok(())
+    }
+}
+
+/// Makes the entries of directory `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })
+}
+
 impl Store for SledStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.shared.db.get(key)?.map(|v| v.to_vec()))
+        Ok(self.engine.db.get(key)?.map(|v| v.to_vec()))
     }
 
     fn scan_prefix(
@@ -189,18 +310,27 @@ impl Store for SledStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let mut out = Vec::new();
-        for entry in self.shared.db.range(scan_start(prefix, start_after)..) {
+        let mut page = Vec::new();
+        if limit == 0 {
+            return Ok(page);
+        }
+        let _gate = self.scan_gate.read().unwrap_or_else(PoisonError::into_inner);
+        for entry in self.engine.db.range(scan_start(prefix, start_after)..) {
             let (key, value) = entry?;
-            if !key.starts_with(prefix) || out.len() == limit {
+            if !key.starts_with(prefix) {
                 break;
             }
-            out.push((key.to_vec(), value.to_vec()));
+            page.push((key.to_vec(), value.to_vec()));
+            if page.len() == limit {
+                break;
+            }
         }
-        Ok(out)
+        Ok(page)
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        let engine = &*self.engine;
+        engine.commit.check().map_err(|reason| StoreError::FlushFailed { reason })?;
         let mut sled_batch = sled::Batch::default();
         for change in batch.changes {
             match change {
@@ -208,48 +338,47 @@ impl Store for SledStore {
                 Change::Delete(k) => sled_batch.remove(k),
             }
         }
-        self.shared.db.apply_batch(sled_batch)?;
-        self.shared.batches.fetch_add(1, Ordering::Relaxed);
-        let generation = {
-            let mut state = self.shared.lock_state();
-            if let Some(reason) = state.background_error.take() {
-                return Err(StoreError::FlushFailed { reason });
-            }
-            state.applied += 1;
-            state.applied
-        };
+        {
+            let _gate = self.scan_gate.write().unwrap_or_else(PoisonError::into_inner);
+            engine.db.apply_batch(sled_batch)?;
+        }
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let generation = engine.commit.register();
         match self.durability {
-            Durability::Sync => self.shared.wait_flushed(generation),
+            Durability::Sync => engine.wait_durable(generation),
+            // At most UNFLUSHED_BATCHES_MAX acknowledged batches not durable.
+            Durability::Interval(_) if generation > UNFLUSHED_BATCHES_MAX => {
+                engine.wait_durable(generation - UNFLUSHED_BATCHES_MAX)
+            }
             Durability::Interval(_) | Durability::None => Ok(()),
         }
     }
 
+    /// Under `None`, call it when writes have quiesced (a shutdown): a flush
+    /// beside sustained writes, which `None` does not hold back, can trigger
+    /// sled 0.34.7's deadlock (module doc).
     fn flush(&self) -> Result<(), StoreError> {
-        let generation = self.shared.lock_state().applied;
-        self.shared.wait_flushed(generation)
+        self.engine.wait_durable(self.engine.commit.registered())
     }
 
+    /// Costs a `stat` of the data file and a listing of the blob directory.
     fn stats(&self) -> Result<StoreStats, StoreError> {
         Ok(StoreStats {
-            size_bytes: self.shared.db.size_on_disk()?,
-            batches: self.shared.batches.load(Ordering::Relaxed),
-            flush_latency: Some(self.shared.flush_latency.clone()),
+            size_bytes: self.engine.db.size_on_disk()?,
+            batches: self.batches.load(Ordering::Relaxed),
+            flush_latency: Some(self.engine.flush_latency.clone()),
         })
     }
 }
 
 impl Drop for SledStore {
+    /// Stops and joins the flusher thread, then makes everything durable, in
+    /// every mode. sled's own flusher, if any, is stopped and joined when `db` is
+    /// dropped right after.
     fn drop(&mut self) {
-        if let Some(flusher) = self.flusher.take() {
-            {
-                let _guard = self.shared.stop_lock.lock().unwrap_or_else(|p| p.into_inner());
-                self.shared.stop.store(true, Ordering::Release);
-                self.shared.stop_cond.notify_all();
-            }
-            let _ = flusher.join();
-        }
-        if let Err(error) = self.shared.db.flush() {
-            tracing::error!(%error, "final flush failed");
+        drop(self.flusher.take());
+        if let Err(error) = self.flush() {
+            tracing::error!(%error, "the final flush of the store failed");
         }
     }
 }
@@ -264,96 +393,150 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_applies_every_change_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path(), Durability::Sync);
-        store.apply(Batch::new().put("a", "1").put("b", "2")).unwrap();
-        store.apply(Batch::new().delete("a").put("b", "3").put("c", "4").delete("c")).unwrap();
-        assert_eq!(store.get(b"a").unwrap(), None);
-        assert_eq!(store.get(b"b").unwrap(), Some(b"3".to_vec()));
-        assert_eq!(store.get(b"c").unwrap(), None);
-    }
-
-    #[test]
-    fn scan_respects_prefix_limit_and_cursor() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path(), Durability::None);
-        let mut batch = Batch::new().put("a", "").put("c", "");
-        for key in ["b/1", "b/2", "b/3", "b0"] {
-            batch = batch.put(key, key);
-        }
-        store.apply(batch).unwrap();
-        let keys = |rows: Vec<Entry>| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-        assert_eq!(
-            keys(store.scan_prefix(b"b/", None, 2).unwrap()),
-            [b"b/1".to_vec(), b"b/2".to_vec()]
-        );
-        assert_eq!(keys(store.scan_prefix(b"b/", Some(b"b/2"), 2).unwrap()), [b"b/3".to_vec()]);
-        assert!(store.scan_prefix(b"b/", Some(b"b/3"), 2).unwrap().is_empty());
-        assert_eq!(store.scan_prefix(b"", None, 100).unwrap().len(), 6);
-    }
-
-    #[test]
     fn sync_writes_from_many_threads_share_flushes_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let (threads, per_thread) = (8, 25);
         {
-            let store = Arc::new(open(dir.path(), Durability::Sync));
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let store = store.clone();
-                    thread::spawn(move || {
+            let store = open(dir.path(), Durability::Sync);
+            let commit = &store.engine.commit;
+            thread::scope(|scope| {
+                for t in 0..threads {
+                    let store = &store;
+                    scope.spawn(move || {
                         for i in 0..per_thread {
-                            let applied_before = store.shared.lock_state().applied;
+                            // This batch's generation will be above `before`.
+                            let before = commit.registered();
                             let batch = Batch::new().put(format!("{t}/{i}"), vec![t as u8; 16]);
                             store.apply(batch).unwrap();
-                            // Acknowledged means flushed: this batch's generation is
-                            // above `applied_before`, and it is covered.
-                            assert!(store.shared.lock_state().flushed > applied_before);
+                            assert!(commit.durable() > before, "acknowledged before a flush");
                         }
-                    })
-                })
-                .collect();
-            workers.into_iter().for_each(|w| w.join().unwrap());
+                    });
+                }
+            });
             let stats = store.stats().unwrap();
-            let state = store.shared.lock_state();
-            assert_eq!(state.flushed, state.applied, "every acknowledged batch is flushed");
-            assert_eq!(stats.batches, (threads * per_thread) as u64);
+            let writes = (threads * per_thread) as u64;
+            assert_eq!(stats.batches, writes);
+            assert_eq!(commit.durable(), writes, "every acknowledged batch is durable");
             let flushes = stats.flush_latency.unwrap().count();
-            assert!(flushes >= 1 && flushes <= stats.batches, "{flushes} flushes");
+            assert_eq!(flushes, commit.flushes(), "every flush is timed");
+            assert!((1..=writes).contains(&flushes), "{flushes} flushes for {writes} writes");
         }
         let store = open(dir.path(), Durability::Sync);
         for t in 0..threads {
             for i in 0..per_thread {
-                assert_eq!(
-                    store.get(format!("{t}/{i}").as_bytes()).unwrap(),
-                    Some(vec![t as u8; 16])
-                );
+                let value = store.get(format!("{t}/{i}").as_bytes()).unwrap();
+                assert_eq!(value, Some(vec![t as u8; 16]));
             }
         }
     }
 
     #[test]
-    fn the_interval_flusher_flushes_in_the_background_and_stops_on_drop() {
+    fn a_sync_write_of_a_large_value_syncs_its_blob_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path(), Durability::Interval(Duration::from_millis(10)));
-        store.apply(Batch::new().put("k", "v")).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while store.shared.lock_state().flushed < 1 {
-            assert!(Instant::now() < deadline, "the background flusher never flushed");
-            thread::yield_now();
+        let store = open(dir.path(), Durability::Sync);
+        store.apply(Batch::new().put("big", vec![1; 1 << 20])).unwrap();
+        let blobs: HashMap<OsString, u64> = std::fs::read_dir(dir.path().join(BLOB_DIR))
+            .unwrap()
+            .map(|entry| {
+                let entry = entry.unwrap();
+                (entry.file_name(), entry.metadata().unwrap().len())
+            })
+            .collect();
+        assert!(!blobs.is_empty(), "a 1 MiB value is a blob in sled 0.34");
+        let synced = store.engine.files.synced_blobs.lock().unwrap();
+        for (name, len) in &blobs {
+            assert_eq!(synced.get(name), Some(len), "{name:?} is not synced");
         }
-        drop(store); // joins the flusher thread; a hang here fails the test by timeout
-        assert_eq!(open(dir.path(), Durability::None).get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// The flusher never fires in this test (an hour's period): only the bound
+    /// makes writers flush.
+    #[test]
+    fn interval_writers_wait_for_a_flush_only_past_the_unflushed_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::Interval(Duration::from_secs(3600)));
+        let commit = &store.engine.commit;
+        let put = |i: u64| store.apply(Batch::new().put(i.to_be_bytes(), "v")).unwrap();
+        for i in 1..=UNFLUSHED_BATCHES_MAX {
+            put(i);
+        }
+        assert_eq!((commit.durable(), commit.flushes()), (0, 0), "acknowledged at once");
+        put(UNFLUSHED_BATCHES_MAX + 1);
+        assert_eq!((commit.durable(), commit.flushes()), (UNFLUSHED_BATCHES_MAX + 1, 1));
+        for i in UNFLUSHED_BATCHES_MAX + 2..=2 * UNFLUSHED_BATCHES_MAX + 1 {
+            put(i);
+        }
+        assert_eq!(commit.flushes(), 1, "the first flush covered the next bound's worth");
+        put(2 * UNFLUSHED_BATCHES_MAX + 2);
+        assert_eq!(commit.flushes(), 2);
     }
 
     #[test]
-    fn an_explicit_flush_covers_writes_made_without_durability() {
+    fn the_interval_flusher_flushes_in_the_background_and_stops_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::Interval(Duration::from_millis(5)));
+        store.apply(Batch::new().put("k", "v")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(store.engine.commit.wait_until_durable(1, deadline), "no background flush");
+        let engine = Arc::downgrade(&store.engine);
+        drop(store);
+        // The thread held the engine: it is gone, so the thread has ended.
+        assert!(engine.upgrade().is_none(), "the flusher thread outlived the store");
+        let store = open(dir.path(), Durability::None);
+        assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// Under `None` no flush of this engine runs on the write path, however many
+    /// batches are written (sled's flusher writes them out); an explicit flush
+    /// and a drop do.
+    #[test]
+    fn none_never_flushes_on_its_own_and_drop_makes_writes_durable() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), Durability::None);
-        store.apply(Batch::new().put("k", "v")).unwrap();
+        let commit = &store.engine.commit;
+        let writes = 2 * UNFLUSHED_BATCHES_MAX;
+        for i in 0..writes {
+            store.apply(Batch::new().put(i.to_be_bytes(), "v")).unwrap();
+        }
+        assert_eq!((commit.registered(), commit.flushes()), (writes, 0));
         store.flush().unwrap();
-        let state = store.shared.lock_state();
-        assert_eq!((state.applied, state.flushed), (1, 1));
+        assert_eq!((commit.durable(), commit.flushes()), (writes, 1));
+        store.apply(Batch::new().put("last", "v")).unwrap();
+        drop(store);
+        let store = open(dir.path(), Durability::None);
+        assert_eq!(store.get(b"last").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(store.scan_prefix(b"", None, usize::MAX).unwrap().len() as u64, writes + 1);
+    }
+
+    #[test]
+    fn a_zero_flush_interval_is_refused_before_anything_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let result = SledStore::open(dir.path(), Durability::Interval(Duration::ZERO));
+        assert!(matches!(result, Err(StoreError::InvalidDurability { .. })));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = open(dir.path(), Durability::Sync);
+        let second = SledStore::open_waiting(dir.path(), Durability::Sync, Duration::ZERO);
+        assert!(matches!(second, Err(StoreError::Locked { .. })));
+    }
+
+    #[test]
+    fn after_a_failed_flush_writes_are_refused_unapplied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Durability::Sync);
+        store.apply(Batch::new().put("before", "1")).unwrap();
+        // Fail a flush as a full disk would.
+        let commit = &store.engine.commit;
+        let failed = commit.wait_durable(commit.register(), || Err("no space left on device"));
+        assert!(matches!(failed, Err(CommitError::Flush(_))));
+        let result = store.apply(Batch::new().put("after", "1"));
+        assert!(matches!(result, Err(StoreError::FlushFailed { .. })), "{result:?}");
+        assert_eq!(store.get(b"after").unwrap(), None);
+        assert!(matches!(store.flush(), Err(StoreError::FlushFailed { .. })));
+        assert_eq!(store.get(b"before").unwrap(), Some(b"1".to_vec()), "reads still work");
     }
 }
