@@ -4,9 +4,10 @@
 use crate::Command;
 use anyhow::{anyhow, bail, Context as _};
 use clap::Args;
+use reqwest::header::HeaderValue;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::Value as Json;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::time::Duration;
 
 /// Where the node is.
@@ -52,19 +53,43 @@ impl Client {
         if status.is_success() || status == StatusCode::MULTIPLE_CHOICES {
             return Ok(response);
         }
-        let body = response.text().await.unwrap_or_default();
-        let error = serde_json::from_str::<Json>(&body).ok().and_then(|j| {
-            let code = j["error"]["code"].as_str()?.to_string();
-            let message = j["error"]["message"].as_str()?.to_string();
-            Some(anyhow!("{code}: {message} ({status})"))
-        });
-        Err(error.unwrap_or_else(|| anyhow!("{status}: {body}")))
+        Err(error_of(response).await)
+    }
+
+    /// The context token of the key's current value, to write over it: `None`
+    /// when the key is absent. Any other failed read is an error, not "no
+    /// context": writing without one would add a sibling instead of replacing.
+    async fn current_context(&self, key: &str) -> anyhow::Result<Option<HeaderValue>> {
+        let read = self.request(Method::GET, &kv_path(key));
+        let response =
+            read.send().await.with_context(|| format!("cannot reach {}", self.conn.url))?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !(status.is_success() || status == StatusCode::MULTIPLE_CHOICES) {
+            let error = error_of(response).await;
+            return Err(error.context(format!("cannot read the context of {key:?} to replace it")));
+        }
+        Ok(response.headers().get("x-context").cloned())
     }
 
     async fn crdt(&self, key: &str, op: Json) -> anyhow::Result<Json> {
         let response = self.send(self.request(Method::POST, &kv_path(key)).json(&op)).await?;
         Ok(response.json().await?)
     }
+}
+
+/// An error answer as an error naming its stable code: `code: message (status)`.
+async fn error_of(response: Response) -> anyhow::Error {
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    let error = serde_json::from_str::<Json>(&body).ok().and_then(|j| {
+        let code = j["error"]["code"].as_str()?.to_string();
+        let message = j["error"]["message"].as_str()?.to_string();
+        Some(anyhow!("{code}: {message} ({status})"))
+    });
+    error.unwrap_or_else(|| anyhow!("{status}: {body}"))
 }
 
 fn kv_path(key: &str) -> String {
@@ -122,7 +147,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 let bytes = response.bytes().await?;
                 let mut out = std::io::stdout().lock();
                 out.write_all(&bytes)?;
-                if !bytes.ends_with(b"\n") {
+                // A newline for the terminal's sake only: piped or redirected,
+                // the output is the value, byte for byte.
+                if out.is_terminal() && !bytes.ends_with(b"\n") {
                     out.write_all(b"\n")?;
                 }
                 Ok(())
@@ -139,9 +166,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             } else if let Some(token) = context {
                 request = request.header("X-Context", token);
             } else if !sibling {
-                let read = client.request(Method::GET, &kv_path(&key)).send().await?;
-                if let Some(token) = read.headers().get("x-context") {
-                    request = request.header("X-Context", token.clone());
+                if let Some(token) = client.current_context(&key).await? {
+                    request = request.header("X-Context", token);
                 }
             }
             client.send(request).await?;
@@ -179,9 +205,9 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                 .await?;
             print_json(&json["value"])
         }
-        Command::Scan { prefix, limit, all, max_pages, conn } => {
+        Command::Scan { prefix, limit, all, max_pages, cursor, conn } => {
             let client = Client::new(conn)?;
-            let mut cursor: Option<String> = None;
+            let mut cursor = cursor;
             for _ in 0..max_pages.max(1) {
                 let mut query = vec![("prefix", prefix.clone()), ("limit", limit.to_string())];
                 if let Some(c) = &cursor {
@@ -206,8 +232,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
                     break;
                 }
             }
-            if let (Some(c), false) = (&cursor, all) {
-                eprintln!("more keys follow; next page: --all, or cursor {c:?}");
+            match (&cursor, all) {
+                (Some(c), false) => eprintln!("more keys follow; next page: --cursor {c:?} (or --all)"),
+                (Some(c), true) => eprintln!(
+                    "more keys follow after {max_pages} pages (--max-pages); next page: --cursor {c:?}"
+                ),
+                (None, _) => {}
             }
             Ok(())
         }

@@ -121,6 +121,9 @@ enum Command {
         /// Most pages --all fetches.
         #[arg(long, default_value_t = 1000)]
         max_pages: usize,
+        /// Start after this cursor (printed when more keys follow).
+        #[arg(long)]
+        cursor: Option<String>,
         #[command(flatten)]
         conn: client::Conn,
     },
@@ -274,8 +277,26 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", report(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, `a: b: c`, each said once: the
+/// library's errors already include their source in their message, so a cause
+/// whose text its wrapper said is skipped.
+fn report(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
