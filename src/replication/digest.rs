@@ -22,7 +22,7 @@ pub const BUCKETS_PER_GROUP: usize = 32;
 /// Groups in the digest.
 pub const GROUPS: usize = BUCKETS / BUCKETS_PER_GROUP;
 
-const _: () = assert!(BUCKETS % BUCKETS_PER_GROUP == 0);
+const _: () = assert!(BUCKETS.is_multiple_of(BUCKETS_PER_GROUP));
 const _: () = assert!(BUCKETS <= u16::MAX as usize + 1, "bucket numbers are stored as u16");
 
 /// The bucket a key falls in.
