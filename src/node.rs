@@ -262,47 +262,61 @@ impl Node {
         clock.now(u64::try_from(wall_ms).unwrap_or(u64::MAX))
     }
 
-    /// Runs the operation on `state`, returning the delta.
+    /// Runs the operation on `state` as this node, returning the delta.
     fn execute(&self, state: &mut Envelope, op: &Op) -> Result<Envelope, NodeError> {
-        let key = op.key.as_str();
-        let limits = self.limits.crdt();
-        let mut delta = Envelope::default();
-        match &op.action {
-            Action::Put { value, context, if_absent } => {
-                check_type(key, &state.types(), KeyType::Register)?;
-                if *if_absent && !state.is_empty() {
-                    return Err(NodeError::PreconditionFailed { key: key.to_string() });
-                }
-                let seen = context.clone().unwrap_or_default();
-                let value = ByteBuf::from(value.to_vec());
-                delta.value = state
-                    .value
-                    .with_register(|r| r.write(self.id, value, &seen, &limits))
-                    .map_err(|e| crdt_error(key, e))?;
+        execute(state, op, self.id, self.now(), &self.limits)
+    }
+}
+
+/// Runs `op` on `state` as `actor` (whose dots the mutation mints), with `now`
+/// ordering last-writer-wins writes, and returns the delta. Pure: the node's
+/// write path and the quorum's state machine (which acts as the quorum's own
+/// actor, identically on every voter) both call it.
+pub fn execute(
+    state: &mut Envelope,
+    op: &Op,
+    actor: NodeId,
+    now: calmkv_crdts::Hlc,
+    limits: &Limits,
+) -> Result<Envelope, NodeError> {
+    let key = op.key.as_str();
+    let limits = limits.crdt();
+    let mut delta = Envelope::default();
+    match &op.action {
+        Action::Put { value, context, if_absent } => {
+            check_type(key, &state.types(), KeyType::Register)?;
+            if *if_absent && !state.is_empty() {
+                return Err(NodeError::PreconditionFailed { key: key.to_string() });
             }
-            Action::PutLww { value } => {
-                check_type(key, &state.types(), KeyType::Lww)?;
-                delta.lww = state.lww.set(self.id, self.now(), ByteBuf::from(value.to_vec()));
-            }
-            Action::Delete { context } => {
-                delta.value = match context {
-                    Some(seen) => state.value.delete(seen),
-                    None => state.value.clear(),
-                };
-                if state.lww.get().is_some() {
-                    delta.lww = state.lww.delete(self.id, self.now());
-                }
-            }
-            Action::Crdt(crdt_op) => {
-                let wanted = KeyType::from(crdt_op.kind());
-                check_type(key, &state.types(), wanted)?;
-                check_nested_types(key, &state.value, crdt_op)?;
-                delta.value = apply_crdt(&mut state.value, crdt_op, self.id, &limits)
-                    .map_err(|e| crdt_error(key, e))?;
+            let seen = context.clone().unwrap_or_default();
+            let value = ByteBuf::from(value.to_vec());
+            delta.value = state
+                .value
+                .with_register(|r| r.write(actor, value, &seen, &limits))
+                .map_err(|e| crdt_error(key, e))?;
+        }
+        Action::PutLww { value } => {
+            check_type(key, &state.types(), KeyType::Lww)?;
+            delta.lww = state.lww.set(actor, now, ByteBuf::from(value.to_vec()));
+        }
+        Action::Delete { context } => {
+            delta.value = match context {
+                Some(seen) => state.value.delete(seen),
+                None => state.value.clear(),
+            };
+            if state.lww.get().is_some() {
+                delta.lww = state.lww.delete(actor, now);
             }
         }
-        Ok(delta)
+        Action::Crdt(crdt_op) => {
+            let wanted = KeyType::from(crdt_op.kind());
+            check_type(key, &state.types(), wanted)?;
+            check_nested_types(key, &state.value, crdt_op)?;
+            delta.value = apply_crdt(&mut state.value, crdt_op, actor, &limits)
+                .map_err(|e| crdt_error(key, e))?;
+        }
     }
+    Ok(delta)
 }
 
 fn store_key(key: &Key) -> Vec<u8> {
