@@ -110,6 +110,33 @@ fn percent_encode(segment: &str) -> String {
     out
 }
 
+/// One line per member of a `/v1/cluster` answer, the answering node first.
+fn print_members(cluster: &Json) {
+    let field = |m: &Json, name: &str| match &m[name] {
+        Json::String(text) => text.clone(),
+        Json::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    println!(
+        "{:<16}  {:<7}  {:>4}  {:<21}  {:<21}  {:<21}",
+        "ID", "STATE", "INC", "HTTP", "GOSSIP", "PEER"
+    );
+    let own = field(&cluster["node"], "id");
+    for member in cluster["members"].as_array().into_iter().flatten() {
+        let id = field(member, "id");
+        let marker = if id == own { " (this node)" } else { "" };
+        println!(
+            "{:<16}  {:<7}  {:>4}  {:<21}  {:<21}  {:<21}{marker}",
+            id,
+            field(member, "state"),
+            field(member, "incarnation"),
+            field(member, "http_addr"),
+            field(member, "gossip_addr"),
+            field(member, "peer_addr"),
+        );
+    }
+}
+
 fn print_json(json: &Json) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(json)?);
     Ok(())
@@ -133,7 +160,14 @@ fn read_value(value: Option<String>, file: Option<std::path::PathBuf>) -> anyhow
 /// Runs a client command.
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Serve(_) | Command::Demo(_) => unreachable!("not a client command"),
+        Command::Members { conn } => {
+            let client = Client::new(conn)?;
+            let cluster: Json =
+                client.send(client.request(Method::GET, "/v1/cluster")).await?.json().await?;
+            print_members(&cluster);
+            Ok(())
+        }
         Command::Get { key, conn } => {
             let client = Client::new(conn)?;
             let response = client.send(client.request(Method::GET, &kv_path(&key))).await?;

@@ -1,17 +1,17 @@
 //! The `calmkv` command: run a node (`serve`) or talk to one (client commands).
 
 use anyhow::{bail, Context as _};
-use calmkv::http::{AppState, HttpConfig};
-use calmkv::metrics::Metrics;
+use calmkv::replication::frame::ClusterSecret;
+use calmkv::server::{GossipOptions, Server, ServerConfig, ServerError};
 use calmkv::store::Durability;
 use calmkv::{Config, Limits};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 mod client;
+mod demo;
 
 /// calmkv: a key-value store that stays available when the network breaks.
 #[derive(Parser)]
@@ -23,8 +23,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a node: a local data directory and the HTTP API.
+    /// Run a node: a local data directory and the HTTP API; with --gossip-addr
+    /// and --peer-addr, a member of a cluster.
     Serve(ServeArgs),
+    /// Start a local cluster of N nodes in this process (loopback ports,
+    /// temporary data directories) and print each node's URLs; Ctrl-C stops it.
+    Demo(demo::DemoArgs),
+    /// List the cluster's members as a node sees them: SWIM state,
+    /// incarnation, addresses.
+    Members {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Read a key (registers print their bytes; other types print JSON).
     Get {
         /// The key.
@@ -177,6 +187,20 @@ struct ServeArgs {
     /// Time a request may take before it is answered 503 timeout, in milliseconds.
     #[arg(long, env = "CALMKV_REQUEST_TIMEOUT_MS", default_value_t = Limits::REQUEST_TIMEOUT.as_millis() as u64)]
     request_timeout_ms: u64,
+    /// UDP address for gossip membership: makes the node a cluster member
+    /// (needs --peer-addr).
+    #[arg(long, env = "CALMKV_GOSSIP_ADDR")]
+    gossip_addr: Option<String>,
+    /// TCP address of the peer channel that carries replication.
+    #[arg(long, env = "CALMKV_PEER_ADDR")]
+    peer_addr: Option<String>,
+    /// Gossip addresses of cluster members to join through, comma-separated.
+    #[arg(long, env = "CALMKV_JOIN", value_delimiter = ',')]
+    join: Vec<String>,
+    /// Shared secret (at least 16 bytes) that authenticates gossip packets and
+    /// peer frames; every member needs the same one.
+    #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
 }
 
 impl ServeArgs {
@@ -211,34 +235,67 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    async fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        let mut config = ServerConfig::new(self.config()?, self.http_addr.clone());
+        config.auth_token = self.auth_token.clone();
+        config.peer_addr = self.peer_addr.clone();
+        if let Some(secret) = &self.cluster_secret {
+            config.cluster_secret = Some(
+                ClusterSecret::new(secret.as_bytes())
+                    .context("--cluster-secret must be at least 16 bytes")?,
+            );
+        }
+        match &self.gossip_addr {
+            None if !self.join.is_empty() => bail!("--join needs --gossip-addr"),
+            None => {}
+            Some(_) if self.peer_addr.is_none() => bail!("--gossip-addr needs --peer-addr"),
+            Some(addr) => {
+                let seeds = resolve_all(&self.join).await?;
+                config.gossip = Some(GossipOptions::new(addr.clone(), seeds));
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Resolves `host:port` strings to socket addresses.
+async fn resolve_all(addrs: &[String]) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let mut resolved = Vec::new();
+    for addr in addrs {
+        let mut found = tokio::net::lookup_host(addr.as_str())
+            .await
+            .with_context(|| format!("cannot resolve {addr:?} (expected host:port)"))?;
+        resolved.push(found.next().with_context(|| format!("{addr:?} resolves to nothing"))?);
+    }
+    Ok(resolved)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.config()?;
-    let node = tokio::task::spawn_blocking(move || config.open_node())
-        .await?
-        .with_context(|| format!("cannot open the data directory {}", args.data_dir.display()))?;
-    let node = Arc::new(node);
-    let listener = tokio::net::TcpListener::bind(&args.http_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
-    let http_addr = listener.local_addr()?.to_string();
+    let config = args.server_config().await?;
+    let server = Server::start(config).await.map_err(|error| match error {
+        ServerError::Node(error) => anyhow::Error::new(error)
+            .context(format!("cannot open the data directory {}", args.data_dir.display())),
+        error => error.into(),
+    })?;
+    let id = server.node().id();
+    let http_addr = server.http_addr();
     tracing::info!(
-        node = %node.id(), %http_addr, data_dir = %args.data_dir.display(), "calmkv node serving"
+        node = %id, %http_addr, data_dir = %args.data_dir.display(), "calmkv node serving"
     );
-    println!("calmkv node {} listening on http://{http_addr}", node.id());
-    let state = AppState::new(
-        node.clone(),
-        Metrics::new(),
-        HttpConfig { auth_token: args.auth_token, http_addr },
-    );
-    calmkv::http::serve(listener, state, shutdown_signal()).await?;
-    tracing::info!("finishing: flushing the store");
-    tokio::task::spawn_blocking(move || node.flush()).await??;
+    println!("calmkv node {id} listening on http://{http_addr}");
+    if let (Some(gossip), Some(peer)) = (server.gossip_addr(), server.peer()) {
+        println!("calmkv node {id} gossip={gossip} peer={}", peer.addr);
+    }
+    shutdown_signal().await;
+    tracing::info!("finishing: leaving the cluster, draining requests, flushing the store");
+    server.shutdown().await?;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -272,6 +329,7 @@ async fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Demo(args) => demo::run(args).await,
         command => client::run(command).await,
     };
     match result {

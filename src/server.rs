@@ -1,6 +1,15 @@
-//! A whole running node: the store, the HTTP API, the peer channel and the
-//! anti-entropy timer, started and stopped together. `calmkv serve`,
-//! `calmkv demo` and `examples/cluster.rs` all go through [`Server`].
+//! A whole running node: the store, the HTTP API, the peer channel, the
+//! anti-entropy timer and gossip membership, started and stopped together.
+//! `calmkv serve`, `calmkv demo` and `examples/cluster.rs` all go through
+//! [`Server`].
+//!
+//! With gossip, membership decides the peers: every member the SWIM view knows
+//! (alive, suspect or down; down members stay replicas until foca forgets them,
+//! so a harvest read still counts them as missing) becomes a peer of the
+//! channel, dialed at the peer address in its metadata. When a member comes up
+//! (it joined, restarted under a new bump, or was down and is back) the node
+//! starts an anti-entropy round with it at once, so it catches up without
+//! waiting for the periodic round.
 
 use crate::http::{AppState, HttpConfig};
 use crate::metrics::Metrics;
@@ -9,6 +18,11 @@ use crate::replication::frame::ClusterSecret;
 use crate::replication::outbox::OUTBOX_BYTES_MAX;
 use crate::replication::peer::{Peer, PeerChannel};
 use crate::{Config, Node, NodeError};
+use calmkv_crdts::NodeId;
+use calmkv_gossip::{
+    GossipConfig, GossipError, MemberInfo, MembersWatch, Membership, NodeMeta, UdpTransport,
+};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +49,33 @@ pub struct ServerConfig {
     pub cluster_secret: Option<ClusterSecret>,
     /// Period of anti-entropy rounds.
     pub anti_entropy_period: Duration,
+    /// Gossip membership; `None` for a node whose peers are set by hand
+    /// ([`connect_all`]) or that has none. Needs `peer_addr`.
+    pub gossip: Option<GossipOptions>,
+}
+
+/// How a server gossips.
+#[derive(Clone, Debug)]
+pub struct GossipOptions {
+    /// UDP address to gossip on (port 0 picks one).
+    pub addr: String,
+    /// Gossip addresses of nodes to join through (may include this node's own).
+    pub seeds: Vec<SocketAddr>,
+    /// SWIM timings and intervals. The server fills in the node id, the
+    /// metadata, the seeds, the state file (`gossip.state` in the data
+    /// directory) and the cluster secret.
+    pub tuning: GossipConfig,
+}
+
+impl GossipOptions {
+    /// Gossip on `addr` with LAN timings, joining through `seeds`.
+    pub fn new(addr: impl Into<String>, seeds: Vec<SocketAddr>) -> GossipOptions {
+        GossipOptions {
+            addr: addr.into(),
+            seeds,
+            tuning: GossipConfig::new(0, NodeMeta::unspecified()),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -47,6 +88,7 @@ impl ServerConfig {
             auth_token: None,
             cluster_secret: None,
             anti_entropy_period: ANTI_ENTROPY_PERIOD,
+            gossip: None,
         }
     }
 }
@@ -65,6 +107,15 @@ pub enum ServerError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The settings contradict each other.
+    #[error("invalid server configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Gossip membership could not start (state file, configuration).
+    #[error("gossip membership could not start: {0}")]
+    Gossip(#[source] GossipError),
 }
 
 /// A running node.
@@ -73,6 +124,7 @@ pub struct Server {
     cluster: Arc<Cluster>,
     http_addr: SocketAddr,
     peer_addr: Option<SocketAddr>,
+    membership: Option<Membership>,
     http_stop: Option<oneshot::Sender<()>>,
     http_task: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
@@ -121,12 +173,28 @@ impl Server {
         let http_task = tokio::spawn(crate::http::serve(http, state, async move {
             let _ = stopped.await;
         }));
-        tracing::info!(node = %node.id(), %http_addr, ?peer_addr, "node started");
+        let membership = match (&config.gossip, peer_addr) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ServerError::InvalidConfig { reason: "gossip needs a peer address" })
+            }
+            (Some(gossip), Some(peer_addr)) => {
+                let meta = NodeMeta { http_addr, peer_addr, invariants_hash: 0 };
+                let membership = start_gossip(&config, gossip, node.id(), meta).await?;
+                cluster.set_membership(membership.watch());
+                background
+                    .push(tokio::spawn(follow_membership(cluster.clone(), membership.watch())));
+                Some(membership)
+            }
+        };
+        let gossip_addr = membership.as_ref().map(|m| m.identity().gossip_addr);
+        tracing::info!(node = %node.id(), %http_addr, ?peer_addr, ?gossip_addr, "node started");
         Ok(Server {
             node,
             cluster,
             http_addr,
             peer_addr,
+            membership,
             http_stop: Some(http_stop),
             http_task,
             background,
@@ -148,14 +216,30 @@ impl Server {
         self.http_addr
     }
 
+    /// Where gossip listens, if the node gossips.
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.membership.as_ref().map(|m| m.identity().gossip_addr)
+    }
+
+    /// The membership view, if the node gossips.
+    pub fn membership(&self) -> Option<MembersWatch> {
+        self.membership.as_ref().map(Membership::watch)
+    }
+
     /// This node as a peer of others, if it has a peer channel.
     pub fn peer(&self) -> Option<Peer> {
         self.peer_addr.map(|addr| Peer { id: self.node.id(), addr })
     }
 
-    /// Stops: the HTTP API finishes the requests in flight, peer traffic stops,
-    /// and the store is flushed.
+    /// Stops: the node leaves the gossip cluster (the others mark it down at
+    /// once instead of suspecting it), the HTTP API finishes the requests in
+    /// flight, peer traffic stops, and the store is flushed.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        if let Some(membership) = self.membership.take() {
+            if let Err(error) = membership.leave().await {
+                tracing::warn!(%error, "leaving the gossip cluster failed");
+            }
+        }
         if let Some(stop) = self.http_stop.take() {
             let _ = stop.send(());
         }
@@ -183,6 +267,60 @@ impl Drop for Server {
             task.abort();
         }
         self.http_task.abort();
+    }
+}
+
+async fn start_gossip(
+    config: &ServerConfig,
+    gossip: &GossipOptions,
+    id: NodeId,
+    meta: NodeMeta,
+) -> Result<Membership, ServerError> {
+    let bind_error = |source| ServerError::Bind { addr: gossip.addr.clone(), source };
+    let addr = tokio::net::lookup_host(&gossip.addr)
+        .await
+        .map_err(bind_error)?
+        .next()
+        .ok_or_else(|| bind_error(std::io::Error::other("the address resolves to nothing")))?;
+    let transport = UdpTransport::bind(addr).await.map_err(bind_error)?;
+    let mut settings = gossip.tuning.clone();
+    settings.node_id = id.0;
+    settings.meta = meta;
+    settings.seeds = gossip.seeds.clone();
+    settings.state_path =
+        (!config.node.in_memory).then(|| config.node.data_dir.join("gossip.state"));
+    settings.cluster_secret = config.cluster_secret.as_ref().map(|s| s.as_bytes().to_vec());
+    Membership::start(settings, Arc::new(transport)).await.map_err(ServerError::Gossip)
+}
+
+/// Keeps the peer channel's peers equal to the membership view, and starts an
+/// anti-entropy round with every member that comes up.
+async fn follow_membership(cluster: Arc<Cluster>, mut watch: MembersWatch) {
+    let mut known: BTreeMap<u64, MemberInfo> = BTreeMap::new();
+    let mut members = watch.members();
+    loop {
+        let peers = members
+            .iter()
+            .filter(|m| m.identity.meta.peer_addr.port() != 0)
+            .map(|m| Peer { id: NodeId(m.identity.node_id), addr: m.identity.meta.peer_addr })
+            .collect();
+        cluster.channel().set_peers(peers);
+        for member in &members {
+            let id = member.identity.node_id;
+            let came_up = member.state.is_active()
+                && known.get(&id).is_none_or(|old| {
+                    !old.state.is_active() || old.identity.bump != member.identity.bump
+                });
+            if came_up {
+                tracing::info!(peer = %NodeId(id), "member up: anti-entropy round");
+                cluster.channel().start_anti_entropy(NodeId(id));
+            }
+        }
+        known = members.iter().map(|m| (m.identity.node_id, *m)).collect();
+        match watch.members_changed().await {
+            Some(next) => members = next,
+            None => return,
+        }
     }
 }
 

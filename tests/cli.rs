@@ -265,7 +265,9 @@ fn scan_lists_keys_with_their_types_and_pages_with_a_cursor() {
 fn help_lists_the_commands_and_serve_help_lists_its_flags() {
     let help = process::run(&["--help"]);
     help.assert_success();
-    for command in ["serve", "get", "put", "del", "incr", "decr", "sadd", "srem", "scan"] {
+    let commands =
+        ["serve", "demo", "members", "get", "put", "del", "incr", "decr", "sadd", "srem", "scan"];
+    for command in commands {
         assert!(help.stdout.contains(command), "--help lacks {command}: {}", help.stdout);
     }
     let serve = process::run(&["serve", "--help"]);
@@ -279,6 +281,11 @@ fn help_lists_the_commands_and_serve_help_lists_its_flags() {
         "--max-in-flight",
         "--max-key-bytes",
         "--max-value-bytes",
+        "--gossip-addr",
+        "--peer-addr",
+        "--join",
+        "--cluster-secret",
+        "CALMKV_GOSSIP_ADDR",
         "CALMKV_DATA_DIR",
         "CALMKV_DURABILITY",
         "sync",
@@ -298,7 +305,14 @@ fn serve_refuses_invalid_flags_with_a_clear_message_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let data_dir = data_dir.to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 9] = [
+        (&["--join", "127.0.0.1:7946"], "--join needs --gossip-addr"),
+        (&["--gossip-addr", "127.0.0.1:0"], "--gossip-addr needs --peer-addr"),
+        (
+            &["--gossip-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0", "--join", "nowhere"],
+            "cannot resolve \"nowhere\"",
+        ),
+        (&["--cluster-secret", "short"], "--cluster-secret must be at least 16 bytes"),
         (&["--max-in-flight", "0"], "--max-in-flight"),
         (&["--durability", "interval", "--flush-interval-ms", "0"], "--flush-interval-ms"),
         (&["--max-value-bytes", "10", "--max-body-bytes", "10"], "--max-value-bytes"),

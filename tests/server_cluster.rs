@@ -69,3 +69,75 @@ async fn a_write_on_node_1_is_read_on_node_3_and_a_quorum_survives_a_stopped_nod
         server.shutdown().await.unwrap();
     }
 }
+
+/// Three servers that find each other through gossip alone (no hand-set peers):
+/// a write on one reaches the others, `/v1/cluster` lists every member with its
+/// SWIM state, and a node that stops is reported down by the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_joined_by_gossip_replicate_and_report_a_stopped_member_down() {
+    use calmkv::server::GossipOptions;
+    let mut servers: Vec<Server> = Vec::new();
+    for _ in 0..3 {
+        let mut config = ServerConfig::new(Config::in_memory(), "127.0.0.1:0");
+        config.peer_addr = Some("127.0.0.1:0".into());
+        let seeds = servers.first().and_then(Server::gossip_addr).into_iter().collect();
+        config.gossip = Some(GossipOptions::new("127.0.0.1:0", seeds));
+        servers.push(Server::start(config).await.unwrap());
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let states = |server: &Server| {
+        let http = http.clone();
+        let url = url(server, "/v1/cluster");
+        async move {
+            let cluster: serde_json::Value =
+                http.get(url).send().await.unwrap().json().await.unwrap();
+            let mut states: Vec<String> = cluster["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["state"].as_str().unwrap().to_string())
+                .collect();
+            states.sort();
+            states
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for server in &servers {
+        while states(server).await != ["alive", "alive", "alive"] {
+            assert!(tokio::time::Instant::now() < deadline, "gossip never joined the three");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let post = http
+        .post(url(&servers[1], "/v1/kv/visits"))
+        .body(r#"{"counter":{"incr":7}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    for server in [&servers[0], &servers[2]] {
+        loop {
+            let read = http.get(url(server, "/v1/kv/visits")).send().await.unwrap();
+            if read.status() == 200 {
+                let body: serde_json::Value = read.json().await.unwrap();
+                assert_eq!(body["value"], 7);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the increment never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    let stopped = servers.pop().unwrap();
+    stopped.shutdown().await.unwrap();
+    for server in &servers {
+        while states(server).await != ["alive", "alive", "down"] {
+            assert!(tokio::time::Instant::now() < deadline, "the stopped node is never down");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for server in servers {
+        server.shutdown().await.unwrap();
+    }
+}

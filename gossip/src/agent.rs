@@ -95,6 +95,8 @@ pub(crate) struct Agent<T> {
     seeds: Vec<SocketAddr>,
     join_retry_interval: Duration,
     state_write_interval: Duration,
+    /// Set by a graceful leave: being declared down is then what we asked for.
+    leaving: bool,
 }
 
 impl<T: Transport> Agent<T> {
@@ -119,6 +121,7 @@ impl<T: Transport> Agent<T> {
             seeds: parts.seeds,
             join_retry_interval: parts.join_retry_interval,
             state_write_interval: parts.state_write_interval,
+            leaving: false,
         }
     }
 
@@ -212,6 +215,9 @@ impl<T: Transport> Agent<T> {
                         "declared down by the cluster; rejoined under a new bump"
                     );
                 }
+                OwnedNotification::Defunct if self.leaving => {
+                    tracing::debug!("left the cluster");
+                }
                 OwnedNotification::Defunct => {
                     tracing::warn!("declared down and cannot renew the identity");
                 }
@@ -300,6 +306,7 @@ impl<T: Transport> Agent<T> {
                 false
             }
             Command::Leave { reply } => {
+                self.leaving = true;
                 let result = self.foca.leave_cluster(&mut self.runtime);
                 // Draining hands the farewell packets to the transport now.
                 self.after_call(&result, "leave_cluster");

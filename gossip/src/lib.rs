@@ -56,7 +56,7 @@ pub mod transport;
 pub use events::{EventStream, MemberInfo, MemberState, MembershipEvent};
 pub use identity::{NodeIdentity, NodeMeta};
 pub use mem_network::{MemNetwork, MemTransport};
-pub use membership::{lan_swim_config, GossipConfig, GossipError, Membership};
+pub use membership::{lan_swim_config, GossipConfig, GossipError, MembersWatch, Membership};
 pub use metrics::{GossipMetrics, MetricsSnapshot};
 pub use transport::{SendError, Transport, UdpTransport};
 

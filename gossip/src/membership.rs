@@ -156,6 +156,51 @@ pub struct Membership {
     task: Option<JoinHandle<()>>,
 }
 
+fn snapshot(metrics: &GossipMetrics, view: &[MemberInfo]) -> MetricsSnapshot {
+    let mut snapshot = metrics.counters();
+    for m in view {
+        match m.state {
+            MemberState::Alive => snapshot.members_alive += 1,
+            MemberState::Suspect => snapshot.members_suspect += 1,
+            MemberState::Down => snapshot.members_down += 1,
+        }
+    }
+    snapshot
+}
+
+/// A cloneable view of a running [`Membership`] (see [`Membership::watch`]).
+#[derive(Debug, Clone)]
+pub struct MembersWatch {
+    view: watch::Receiver<Arc<Vec<MemberInfo>>>,
+    identity: watch::Receiver<NodeIdentity>,
+    metrics: Arc<GossipMetrics>,
+}
+
+impl MembersWatch {
+    /// Every other member, one per node id, in node id order.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.view.borrow().as_ref().clone()
+    }
+
+    /// Our current identity.
+    pub fn identity(&self) -> NodeIdentity {
+        *self.identity.borrow()
+    }
+
+    /// Counters plus members by state.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        snapshot(&self.metrics, &self.view.borrow())
+    }
+
+    /// Waits until the view changes after the last [`MembersWatch::members_changed`]
+    /// returned (or since the watch was made), and returns the new view;
+    /// `None` once the membership has stopped.
+    pub async fn members_changed(&mut self) -> Option<Vec<MemberInfo>> {
+        self.view.changed().await.ok()?;
+        Some(self.view.borrow_and_update().as_ref().clone())
+    }
+}
+
 fn unix_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -262,6 +307,18 @@ impl Membership {
         self.view.borrow().iter().find(|m| m.identity.node_id == node_id).copied()
     }
 
+    /// A cheap, cloneable handle on the membership view and our identity,
+    /// for tasks that follow membership changes: unlike an event stream it
+    /// never loses an update (a reader that falls behind sees the latest view).
+    /// It keeps reading the last view after the membership stops.
+    pub fn watch(&self) -> MembersWatch {
+        MembersWatch {
+            view: self.view.clone(),
+            identity: self.identity.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// A new stream of membership events (from now on).
     pub fn subscribe(&self) -> EventStream {
         self.subscribers.subscribe()
@@ -269,15 +326,7 @@ impl Membership {
 
     /// Counters plus members by state.
     pub fn metrics(&self) -> MetricsSnapshot {
-        let mut snapshot = self.metrics.counters();
-        for m in self.view.borrow().iter() {
-            match m.state {
-                MemberState::Alive => snapshot.members_alive += 1,
-                MemberState::Suspect => snapshot.members_suspect += 1,
-                MemberState::Down => snapshot.members_down += 1,
-            }
-        }
-        snapshot
+        snapshot(&self.metrics, &self.view.borrow())
     }
 
     async fn ask<R>(

@@ -6,6 +6,8 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use calmkv_crdts::NodeId;
+use calmkv_gossip::MemberState;
 use serde_json::json;
 
 /// `GET /healthz`: the process is up.
@@ -23,12 +25,42 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/cluster`: this node and the members it knows (itself, for now).
+/// `GET /v1/cluster`: this node and the members its gossip view knows, with
+/// their SWIM state, incarnation and metadata (only itself when it does not
+/// gossip).
 pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let id = state.node().id().to_string();
-    let me =
-        json!({ "id": id, "http_addr": state.inner.http_addr, "state": "alive", "incarnation": 0 });
-    Json(json!({ "node": me, "members": [me], "quorum": null }))
+    let id = state.node().id();
+    let Some(watch) = state.cluster().membership() else {
+        let me = json!({
+            "id": id.to_string(), "http_addr": state.inner.http_addr,
+            "state": "alive", "incarnation": 0,
+        });
+        return Json(json!({ "node": me, "members": [me], "quorum": null }));
+    };
+    let me = watch.identity();
+    let describe = |identity: &calmkv_gossip::NodeIdentity, swim: &str, incarnation: u16| {
+        json!({
+            "id": NodeId(identity.node_id).to_string(),
+            "state": swim,
+            "incarnation": incarnation,
+            "bump": identity.bump,
+            "gossip_addr": identity.gossip_addr.to_string(),
+            "http_addr": identity.meta.http_addr.to_string(),
+            "peer_addr": identity.meta.peer_addr.to_string(),
+            "invariants_hash": format!("{:016x}", identity.meta.invariants_hash),
+        })
+    };
+    let node = describe(&me, "alive", 0);
+    let mut members = vec![node.clone()];
+    for member in watch.members() {
+        let swim = match member.state {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Down => "down",
+        };
+        members.push(describe(&member.identity, swim, member.incarnation));
+    }
+    Json(json!({ "node": node, "members": members, "quorum": null }))
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -57,6 +89,34 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
         "Bytes waiting in peer outboxes: how far replication lags behind local writes.",
         backlog as f64,
     ));
+    if let Some(watch) = state.cluster().membership() {
+        gauges.extend(gossip_gauges(&watch.metrics()));
+    }
     let text = state.inner.metrics.render(&gauges, &histograms);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// Gossip membership and traffic, as gauges (`_total` ones only ever grow).
+fn gossip_gauges(m: &calmkv_gossip::MetricsSnapshot) -> Vec<(&'static str, &'static str, f64)> {
+    [
+        ("calmkv_gossip_members_alive", "Other members gossip sees alive.", m.members_alive),
+        ("calmkv_gossip_members_suspect", "Other members gossip suspects.", m.members_suspect),
+        ("calmkv_gossip_members_down", "Other members gossip knows as down.", m.members_down),
+        ("calmkv_gossip_packets_sent_total", "Gossip datagrams sent.", m.packets_sent),
+        ("calmkv_gossip_bytes_sent_total", "Gossip bytes sent.", m.bytes_sent),
+        ("calmkv_gossip_packets_received_total", "Gossip datagrams received.", m.packets_received),
+        ("calmkv_gossip_bytes_received_total", "Gossip bytes received.", m.bytes_received),
+        (
+            "calmkv_gossip_packets_refused_total",
+            "Gossip datagrams dropped: bad tag, oversized, undecodable, refused, or inbox full.",
+            m.dropped_auth
+                + m.dropped_size
+                + m.decode_errors
+                + m.protocol_errors
+                + m.dropped_inbox_full,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, help, value)| (name, help, value as f64))
+    .collect()
 }

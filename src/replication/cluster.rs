@@ -12,6 +12,7 @@ use crate::envelope::Envelope;
 use crate::op::{Key, Op};
 use crate::{Applied, Node, NodeError};
 use calmkv_crdts::{Crdt, NodeId};
+use calmkv_gossip::MembersWatch;
 use rand::seq::IndexedRandom;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,15 +65,26 @@ pub struct ClusterRead {
     pub harvest: Harvest,
 }
 
-/// A node with its peer channel.
+/// A node with its peer channel, and the membership view when the node gossips.
 pub struct Cluster {
     channel: Arc<PeerChannel>,
+    membership: std::sync::OnceLock<MembersWatch>,
 }
 
 impl Cluster {
     /// Cluster operations over `channel`.
     pub fn new(channel: Arc<PeerChannel>) -> Cluster {
-        Cluster { channel }
+        Cluster { channel, membership: std::sync::OnceLock::new() }
+    }
+
+    /// Attaches the membership view (once; later calls are ignored).
+    pub fn set_membership(&self, watch: MembersWatch) {
+        let _ = self.membership.set(watch);
+    }
+
+    /// The membership view, when the node gossips.
+    pub fn membership(&self) -> Option<&MembersWatch> {
+        self.membership.get()
     }
 
     /// The peer channel.

@@ -31,6 +31,11 @@ impl ClusterSecret {
         (bytes.len() >= 16).then_some(ClusterSecret(bytes))
     }
 
+    /// The secret's bytes (gossip authenticates its packets with the same secret).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
     }
