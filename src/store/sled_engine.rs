@@ -42,7 +42,7 @@ use super::group_commit::{CommitError, GroupCommit};
 use super::UNFLUSHED_BATCHES_MAX;
 use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
 use crate::metrics::Histogram;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::ErrorKind;
@@ -57,7 +57,8 @@ use std::time::{Duration, Instant};
 /// process, to release its file lock: sled's IO threads finish writing after
 /// the last handle is dropped, so an immediate reopen (an embedded application
 /// closing and reopening, a restart in a test) can find the lock still taken.
-/// Another process holding the lock is reported after this bound.
+/// A directory this process never opened is another process's: its lock is
+/// reported at once, without waiting.
 const LOCK_RELEASE_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// How often an open looks again at a taken lock.
@@ -209,18 +210,36 @@ fn open_when_released(
     wait_max: Duration,
 ) -> Result<sled::Db, StoreError> {
     let started = Instant::now();
+    let opened_here = opened_in_this_process(dir, false);
     loop {
         match config.open() {
             // sled reports the lock as an `Other` I/O error with this text.
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                if started.elapsed() >= wait_max {
+                if !opened_here || started.elapsed() >= wait_max {
                     let source = Box::new(sled::Error::Io(e));
                     return Err(StoreError::Locked { path: dir.to_path_buf(), source });
                 }
                 std::thread::sleep(LOCK_RETRY_PERIOD);
             }
-            result => return Ok(result?),
+            result => {
+                let db = result?;
+                opened_in_this_process(dir, true);
+                return Ok(db);
+            }
         }
+    }
+}
+
+/// Whether this process has opened the store in `dir` before; with `record`,
+/// remembers that it has now.
+fn opened_in_this_process(dir: &Path, record: bool) -> bool {
+    static OPENED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if record {
+        !opened.insert(dir)
+    } else {
+        opened.contains(&dir)
     }
 }
 
