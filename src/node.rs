@@ -119,7 +119,10 @@ impl Node {
     }
 
     /// Applies a write. On success the new state is stored with the store's
-    /// durability; on error nothing changed.
+    /// durability. On a refusal (bad input, type, limit, precondition) nothing
+    /// changed; on a storage failure the write may or may not survive (a flush
+    /// failed after the batch was handed over), and the store refuses every
+    /// later write until restart, which also rebuilds the digest.
     pub fn apply(&self, op: &Op) -> Result<Applied, NodeError> {
         op.validate(&self.limits)?;
         let _guard = self.lock(&op.key);
