@@ -84,11 +84,33 @@ impl Histogram {
         let braced = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
         let _ = writeln!(out, "{name}_sum{braced} {sum}");
         let _ = writeln!(out, "{name}_count{braced} {count}");
+    }
+
+    /// The p50/p99/p999 estimates as samples of the gauge family `{name}_quantile`.
+    fn render_quantiles(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
         for (q, label) in [(0.5, "0.5"), (0.99, "0.99"), (0.999, "0.999")] {
             if let Some(v) = self.quantile_seconds(q) {
                 let _ = writeln!(out, "{name}_quantile{{{labels}{sep}quantile=\"{label}\"}} {v}");
             }
         }
+    }
+}
+
+/// Renders histograms sharing `name` as one histogram family, then their
+/// quantile estimates as a separate gauge family, `{name}_quantile` (the text
+/// format wants every family's lines in one group, under its own TYPE).
+fn render_family(out: &mut String, name: &str, help: &str, histograms: &[(String, &Histogram)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (labels, histogram) in histograms {
+        histogram.render(out, name, labels);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {name}_quantile {help} Estimates: the upper bound of the bucket holding the quantile.\n# TYPE {name}_quantile gauge"
+    );
+    for (labels, histogram) in histograms {
+        histogram.render_quantiles(out, name, labels);
     }
 }
 
@@ -151,15 +173,21 @@ impl Metrics {
                 "calmkv_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
             );
         }
-        out.push_str("# HELP calmkv_http_request_duration_seconds HTTP latency by route.\n");
-        out.push_str("# TYPE calmkv_http_request_duration_seconds histogram\n");
-        for (route, histogram) in self.latency.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            histogram.render(
-                &mut out,
-                "calmkv_http_request_duration_seconds",
-                &format!("route=\"{route}\""),
-            );
-        }
+        let latency: Vec<(String, Arc<Histogram>)> = self
+            .latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(route, h)| (format!("route=\"{route}\""), h.clone()))
+            .collect();
+        let latency: Vec<(String, &Histogram)> =
+            latency.iter().map(|(labels, h)| (labels.clone(), h.as_ref())).collect();
+        render_family(
+            &mut out,
+            "calmkv_http_request_duration_seconds",
+            "HTTP latency by route.",
+            &latency,
+        );
         for (name, help, value) in [
             ("calmkv_http_requests_shed_total", "Requests refused by load shedding.", &self.shed),
             ("calmkv_http_requests_timed_out_total", "Requests past the timeout.", &self.timed_out),
@@ -181,8 +209,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }
         for (name, help, histogram) in histograms {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-            histogram.render(&mut out, name, "");
+            render_family(&mut out, name, help, &[(String::new(), histogram)]);
         }
         out
     }
@@ -208,6 +235,43 @@ mod tests {
     #[test]
     fn an_empty_histogram_has_no_quantiles() {
         assert_eq!(Histogram::default().quantile_seconds(0.5), None);
+    }
+
+    /// Each family's samples form one group right after its TYPE line, as the
+    /// text format requires: with two routes, the latency histogram's lines do
+    /// not interleave with its quantile estimates.
+    #[test]
+    fn every_family_is_one_group_under_its_own_type() {
+        let m = Metrics::default();
+        m.record_request("/a", "GET", 200, Duration::from_micros(120));
+        m.record_request("/b", "GET", 200, Duration::from_millis(3));
+        let flushes = Histogram::default();
+        flushes.observe(Duration::from_millis(2));
+        let text = m.render(&[], &[("calmkv_store_flush_seconds", "Flushes.", &flushes)]);
+        let mut typed: BTreeMap<String, String> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(typed.insert(name.to_string(), kind.to_string()).is_none(), "{name} twice");
+                current = Some(name.to_string());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let series = line.split(['{', ' ']).next().unwrap();
+            let family = current.as_deref().expect("a sample after a TYPE line");
+            let belongs = match typed[family].as_str() {
+                "histogram" => ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| series.strip_suffix(suffix) == Some(family)),
+                _ => series == family,
+            };
+            assert!(belongs, "{series} sampled under the TYPE of {family}:\n{text}");
+        }
+        assert_eq!(typed["calmkv_http_request_duration_seconds_quantile"], "gauge");
+        assert_eq!(typed["calmkv_store_flush_seconds_quantile"], "gauge");
     }
 
     #[test]
