@@ -1,13 +1,14 @@
 //! A local three-node cluster in one process: each node has its own data
-//! directory, HTTP API and peer channel on loopback. Writes a value on node 1,
-//! reads it from node 3, prints every node's URL, and serves until Ctrl-C.
+//! directory, HTTP API, peer channel and gossip on loopback, and finds the
+//! others through gossip (node 1 is the seed). Writes a value on node 1, reads
+//! it from node 3, prints every node's URL, and serves until Ctrl-C.
 //!
 //! ```sh
 //! cargo run --example cluster            # 3 nodes
 //! cargo run --example cluster -- 5       # 5 nodes
 //! ```
 
-use calmkv::server::{connect_all, Server, ServerConfig};
+use calmkv::server::{GossipOptions, Server, ServerConfig};
 use calmkv::{Action, Config, Key, Op};
 use std::time::Duration;
 
@@ -21,11 +22,19 @@ async fn main() -> anyhow::Result<()> {
         let node = Config::new(dir.path().join(format!("node-{i}")));
         let mut config = ServerConfig::new(node, "127.0.0.1:0");
         config.peer_addr = Some("127.0.0.1:0".into());
+        let seeds = servers.first().and_then(Server::gossip_addr).into_iter().collect();
+        config.gossip = Some(GossipOptions::new("127.0.0.1:0", seeds));
         servers.push(Server::start(config).await?);
     }
-    connect_all(&servers);
+    // Gossip needs a moment for every node to learn every other.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while servers.iter().any(|s| s.cluster().channel().peers().len() + 1 < nodes) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "gossip did not join the nodes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for (i, server) in servers.iter().enumerate() {
-        println!("node {} http=http://{} id={}", i + 1, server.http_addr(), server.node().id());
+        let gossip = server.gossip_addr().map(|a| a.to_string()).unwrap_or_default();
+        println!("node {} http=http://{} gossip={gossip}", i + 1, server.http_addr());
     }
 
     // A write on the first node...
