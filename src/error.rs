@@ -65,6 +65,25 @@ pub enum NodeError {
         /// The key.
         key: String,
     },
+    /// The operation would break a declared invariant: the quorum (or, for an
+    /// embedded single node, the node itself) refused it. Nothing changed.
+    #[error("key {key:?}: {violation}")]
+    InvariantViolation {
+        /// The key.
+        key: String,
+        /// Which invariant, and the bound it would cross.
+        violation: String,
+    },
+    /// The operation needs the quorum and the quorum cannot be reached (or this
+    /// node's invariant declarations differ from the quorum group's). Nothing
+    /// changed; operations that need no coordination still work.
+    #[error("coordination unavailable for key {key:?}: {reason}")]
+    CoordinationUnavailable {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// The configuration cannot work (a zero bound, a value larger than a body).
     /// Nothing was opened.
     #[error("invalid configuration: {reason}")]
@@ -108,6 +127,8 @@ impl NodeError {
             NodeError::TooManySiblings { .. } => "too_many_siblings",
             NodeError::LimitExceeded { .. } => "limit_exceeded",
             NodeError::PreconditionFailed { .. } => "precondition_failed",
+            NodeError::InvariantViolation { .. } => "invariant_violation",
+            NodeError::CoordinationUnavailable { .. } => "coordination_unavailable",
             NodeError::Store { .. }
             | NodeError::Corrupt { .. }
             | NodeError::CorruptIndex { .. } => "internal",

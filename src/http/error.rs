@@ -97,7 +97,9 @@ fn node_status(error: &NodeError) -> StatusCode {
         NodeError::ValueTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         NodeError::TypeMismatch { .. }
         | NodeError::TooManySiblings { .. }
-        | NodeError::LimitExceeded { .. } => StatusCode::CONFLICT,
+        | NodeError::LimitExceeded { .. }
+        | NodeError::InvariantViolation { .. } => StatusCode::CONFLICT,
+        NodeError::CoordinationUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
         NodeError::Store { .. }
         | NodeError::Corrupt { .. }
@@ -124,7 +126,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         if status.is_server_error()
-            && !matches!(self, ApiError::Overloaded { .. } | ApiError::Timeout { .. })
+            && !matches!(
+                self,
+                ApiError::Overloaded { .. }
+                    | ApiError::Timeout { .. }
+                    | ApiError::Node(NodeError::CoordinationUnavailable { .. })
+            )
         {
             tracing::error!(error = %self, "request failed");
         }
