@@ -124,11 +124,24 @@ impl Node {
     /// failed after the batch was handed over), and the store refuses every
     /// later write until restart, which also rebuilds the digest.
     pub fn apply(&self, op: &Op) -> Result<Applied, NodeError> {
+        self.apply_admitted(op, |_| Ok(()))
+    }
+
+    /// Applies a write only if `admit` accepts the key's state after it; a
+    /// refusal leaves the key untouched. The check runs under the key's lock,
+    /// so no other local write slips in between. A single node that is the
+    /// only replica of its keys (the embedded `Db`) checks invariants this way.
+    pub fn apply_admitted(
+        &self,
+        op: &Op,
+        admit: impl FnOnce(&Envelope) -> Result<(), NodeError>,
+    ) -> Result<Applied, NodeError> {
         op.validate(&self.limits)?;
         let _guard = self.lock(&op.key);
         let (current, stored) = self.load_raw(&op.key)?;
         let mut state = current.clone();
         let delta = self.execute(&mut state, op)?;
+        admit(&state)?;
         if state != current {
             self.write(&op.key, &state, stored.as_deref())?;
         }
@@ -520,6 +533,38 @@ mod tests {
             }
         }
         assert_eq!(live, ["p/25", "p/26", "p/27", "p/28", "p/29"]);
+    }
+
+    #[test]
+    fn a_write_its_admission_refuses_leaves_the_key_untouched() {
+        let node = node(1);
+        let k = key("balance");
+        let incr = |n| Op {
+            key: k.clone(),
+            action: Action::Crdt(CrdtOp::Counter(crate::CounterOp::Incr(n))),
+        };
+        let decr = |n| Op {
+            key: k.clone(),
+            action: Action::Crdt(CrdtOp::Counter(crate::CounterOp::Decr(n))),
+        };
+        let at_least_zero = |state: &Envelope| {
+            if state.value.counter().value() < 0 {
+                return Err(NodeError::InvariantViolation {
+                    key: "balance".into(),
+                    violation: "below 0".into(),
+                });
+            }
+            Ok(())
+        };
+        node.apply_admitted(&incr(5), at_least_zero).unwrap();
+        let before = node.envelope(&k).unwrap();
+        let digest = node.digest().top();
+        let refused = node.apply_admitted(&decr(6), at_least_zero);
+        assert!(matches!(refused, Err(NodeError::InvariantViolation { .. })));
+        assert_eq!(node.envelope(&k).unwrap(), before);
+        assert_eq!(node.digest().top(), digest);
+        node.apply_admitted(&decr(5), at_least_zero).unwrap();
+        assert_eq!(node.envelope(&k).unwrap().value.counter().value(), 0);
     }
 
     #[test]
