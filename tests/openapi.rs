@@ -130,7 +130,7 @@ async fn every_method_outside_the_route_table_is_refused_with_405() {
 /// One error of every variant of [`NodeError`]. A new variant breaks the match in
 /// `node_variant`; give it the next index, raise `NODE_VARIANTS` and add a sample.
 fn every_node_error() -> Vec<NodeError> {
-    const NODE_VARIANTS: usize = 11;
+    const NODE_VARIANTS: usize = 13;
     fn node_variant(error: &NodeError) -> usize {
         match error {
             NodeError::BadKey { .. } => 0,
@@ -144,6 +144,8 @@ fn every_node_error() -> Vec<NodeError> {
             NodeError::CorruptIndex { .. } => 8,
             NodeError::Corrupt { .. } => 9,
             NodeError::InvalidConfig { .. } => 10,
+            NodeError::InvariantViolation { .. } => 11,
+            NodeError::CoordinationUnavailable { .. } => 12,
         }
     }
     let decode_error = calmkv_crdts::decode::<calmkv::Envelope>(&[]).expect_err("empty input");
@@ -159,6 +161,8 @@ fn every_node_error() -> Vec<NodeError> {
         NodeError::CorruptIndex { entry: "e".into() },
         NodeError::Corrupt { key: "k".into(), source: decode_error },
         NodeError::InvalidConfig { reason: "r".into() },
+        NodeError::InvariantViolation { key: "k".into(), violation: "v".into() },
+        NodeError::CoordinationUnavailable { key: "k".into(), reason: "r".into() },
     ];
     let covered: BTreeSet<usize> = samples.iter().map(node_variant).collect();
     assert_eq!(covered, (0..NODE_VARIANTS).collect(), "a NodeError variant has no sample");
@@ -210,6 +214,8 @@ fn every_error_code_the_api_produces_is_in_the_spec_with_its_design_status() {
         ("type_mismatch", 409),
         ("too_many_siblings", 409),
         ("limit_exceeded", 409),
+        ("invariant_violation", 409),
+        ("coordination_unavailable", 503),
         ("precondition_failed", 412),
         ("overloaded", 503),
         ("unauthorized", 401),
