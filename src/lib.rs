@@ -39,6 +39,7 @@ pub mod db;
 pub mod envelope;
 pub mod error;
 pub mod http;
+pub mod invariants;
 pub mod limits;
 pub mod metrics;
 pub mod node;
