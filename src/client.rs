@@ -161,6 +161,31 @@ fn read_value(value: Option<String>, file: Option<std::path::PathBuf>) -> anyhow
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) | Command::Demo(_) => unreachable!("not a client command"),
+        Command::Explain { key, op, invariants: Some(path), .. } => {
+            let invariants = calmkv::invariants::Invariants::load(&path)?;
+            let answer = match (key, op) {
+                (Some(key), Some(op)) => calmkv::http::invariants::explain(&invariants, &key, &op)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                (None, _) => calmkv::http::invariants::describe(&invariants),
+                (Some(_), None) => anyhow::bail!(
+                    "give an operation after the key, e.g. `explain account/alice decr`"
+                ),
+            };
+            print_json(&answer)
+        }
+        Command::Explain { key, op, invariants: None, conn } => {
+            let client = Client::new(conn)?;
+            let request = match (key, op) {
+                (Some(key), Some(op)) => {
+                    client.request(Method::GET, "/v1/explain").query(&[("key", key), ("op", op)])
+                }
+                (None, _) => client.request(Method::GET, "/v1/invariants"),
+                (Some(_), None) => anyhow::bail!(
+                    "give an operation after the key, e.g. `explain account/alice decr`"
+                ),
+            };
+            print_json(&client.send(request).await?.json().await?)
+        }
         Command::Members { conn } => {
             let client = Client::new(conn)?;
             let cluster: Json =

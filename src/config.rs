@@ -3,6 +3,7 @@
 //! [`Db`]: crate::Db
 
 use crate::error::NodeError;
+use crate::invariants::Invariants;
 use crate::store::{self, Durability, MemoryStore, SledStore, Store};
 use crate::{Limits, Node};
 use calmkv_crdts::NodeId;
@@ -21,6 +22,8 @@ pub struct Config {
     /// Keep data in memory only (tests, simulation): nothing survives the process,
     /// and a new node id is drawn on every open.
     pub in_memory: bool,
+    /// The invariants the node enforces (none by default).
+    pub invariants: Arc<Invariants>,
 }
 
 impl Config {
@@ -34,6 +37,7 @@ impl Config {
             durability: Durability::default(),
             limits: Limits::default(),
             in_memory: false,
+            invariants: Arc::new(Invariants::none()),
         }
     }
 
@@ -55,6 +59,7 @@ impl Config {
             let sled = SledStore::open(&self.data_dir.join("store"), self.durability)?;
             (id, Arc::new(sled))
         };
-        Node::open(NodeId(id), store, self.limits.clone())
+        Ok(Node::open(NodeId(id), store, self.limits.clone())?
+            .with_invariants(self.invariants.clone()))
     }
 }

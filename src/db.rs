@@ -43,7 +43,7 @@ impl Db {
 
     /// Applies an operation built by hand.
     pub fn apply(&self, op: Op) -> Result<Applied, NodeError> {
-        self.node.apply(&op)
+        self.node.apply_alone(&op)
     }
 
     /// Reads a key of any type: `None` when it has no value.
@@ -106,7 +106,7 @@ impl Db {
     }
 
     fn write(&self, key: &str, action: Action) -> Result<Applied, NodeError> {
-        self.node.apply(&Op { key: self.key(key)?, action })
+        self.node.apply_alone(&Op { key: self.key(key)?, action })
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `calmkv` command: run a node (`serve`) or talk to one (client commands).
 
 use anyhow::{bail, Context as _};
+use calmkv::invariants::Invariants;
 use calmkv::replication::frame::ClusterSecret;
 use calmkv::server::{GossipOptions, Server, ServerConfig, ServerError};
 use calmkv::store::Durability;
@@ -8,6 +9,7 @@ use calmkv::{Config, Limits};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 mod client;
@@ -32,6 +34,21 @@ enum Command {
     /// List the cluster's members as a node sees them: SWIM state,
     /// incarnation, addresses.
     Members {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Explain which operations run locally and which need the quorum: the
+    /// whole table, or one operation (incr, decr, add, remove, create, update,
+    /// delete) on one key. Reads FILE when given, else asks a running node.
+    Explain {
+        /// The key.
+        key: Option<String>,
+        /// The operation.
+        #[arg(requires = "key")]
+        op: Option<String>,
+        /// Analyze this declarations file instead of asking a node.
+        #[arg(long)]
+        invariants: Option<PathBuf>,
         #[command(flatten)]
         conn: client::Conn,
     },
@@ -187,6 +204,9 @@ struct ServeArgs {
     /// Time a request may take before it is answered 503 timeout, in milliseconds.
     #[arg(long, env = "CALMKV_REQUEST_TIMEOUT_MS", default_value_t = Limits::REQUEST_TIMEOUT.as_millis() as u64)]
     request_timeout_ms: u64,
+    /// Invariant declarations (TOML) to enforce; see docs/invariants.md.
+    #[arg(long, env = "CALMKV_INVARIANTS")]
+    invariants: Option<PathBuf>,
     /// UDP address for gossip membership: makes the node a cluster member
     /// (needs --peer-addr).
     #[arg(long, env = "CALMKV_GOSSIP_ADDR")]
@@ -231,7 +251,16 @@ impl ServeArgs {
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             ..Limits::default()
         };
-        Ok(Config { durability, limits, ..Config::new(&self.data_dir) })
+        let invariants = match &self.invariants {
+            Some(path) => Invariants::load(path)?,
+            None => Invariants::none(),
+        };
+        Ok(Config {
+            durability,
+            limits,
+            invariants: Arc::new(invariants),
+            ..Config::new(&self.data_dir)
+        })
     }
 }
 

@@ -9,6 +9,7 @@
 
 use crate::envelope::{Envelope, KeyType};
 use crate::error::NodeError;
+use crate::invariants::{as_creation, Invariants, Route};
 use crate::op::{Action, CounterOp, CrdtOp, FlagOp, Key, Op};
 use crate::read::ReadResult;
 use crate::replication::digest::{bucket_of, entry_hash, Digest};
@@ -45,6 +46,9 @@ pub struct Applied {
     /// Just the write's effect: merged into any replica of the key, it applies the
     /// write there.
     pub delta: Envelope,
+    /// Whether a declared invariant made the write coordinated (admitted by the
+    /// quorum, or by a node that is the only replica) rather than local.
+    pub coordinated: bool,
 }
 
 impl Applied {
@@ -72,6 +76,7 @@ pub struct Node {
     lock_hasher: std::collections::hash_map::RandomState,
     clock: Mutex<HybridClock>,
     digest: Digest,
+    invariants: Arc<Invariants>,
 }
 
 impl Node {
@@ -100,6 +105,7 @@ impl Node {
             lock_hasher: Default::default(),
             clock: Mutex::new(HybridClock::new()),
             digest,
+            invariants: Arc::new(Invariants::none()),
         })
     }
 
@@ -124,28 +130,59 @@ impl Node {
     /// failed after the batch was handed over), and the store refuses every
     /// later write until restart, which also rebuilds the digest.
     pub fn apply(&self, op: &Op) -> Result<Applied, NodeError> {
-        self.apply_admitted(op, |_| Ok(()))
+        self.apply_admitted(op, |_, _| Ok(()))
     }
 
-    /// Applies a write only if `admit` accepts the key's state after it; a
-    /// refusal leaves the key untouched. The check runs under the key's lock,
+    /// Applies a write on a node that is the only replica of its keys (the
+    /// embedded `Db`, a server without peers): an operation the declared
+    /// invariants route to the quorum is admitted here, exactly, since no other
+    /// replica can write concurrently. On a unique key a write without a
+    /// context is a creation (insert-if-absent).
+    pub fn apply_alone(&self, op: &Op) -> Result<Applied, NodeError> {
+        let invariants = self.invariants.clone();
+        let route = invariants.route(op)?;
+        match &route {
+            Route::Local => self.apply(op),
+            Route::Quorum { declaration, kinds } => {
+                let op = as_creation(op, &route);
+                let applied = self.apply_admitted(&op, |before, after| {
+                    Invariants::admit(declaration, kinds, op.key.as_str(), before, after)
+                })?;
+                Ok(Applied { coordinated: true, ..applied })
+            }
+        }
+    }
+
+    /// The invariants this node enforces.
+    pub fn invariants(&self) -> &Arc<Invariants> {
+        &self.invariants
+    }
+
+    /// The node with `invariants` to enforce.
+    pub fn with_invariants(mut self, invariants: Arc<Invariants>) -> Node {
+        self.invariants = invariants;
+        self
+    }
+
+    /// Applies a write only if `admit` accepts the key's state before and after
+    /// it; a refusal leaves the key untouched. The check runs under the key's lock,
     /// so no other local write slips in between. A single node that is the
     /// only replica of its keys (the embedded `Db`) checks invariants this way.
     pub fn apply_admitted(
         &self,
         op: &Op,
-        admit: impl FnOnce(&Envelope) -> Result<(), NodeError>,
+        admit: impl FnOnce(&Envelope, &Envelope) -> Result<(), NodeError>,
     ) -> Result<Applied, NodeError> {
         op.validate(&self.limits)?;
         let _guard = self.lock(&op.key);
         let (current, stored) = self.load_raw(&op.key)?;
         let mut state = current.clone();
         let delta = self.execute(&mut state, op)?;
-        admit(&state)?;
+        admit(&current, &state)?;
         if state != current {
             self.write(&op.key, &state, stored.as_deref())?;
         }
-        Ok(Applied { state, delta })
+        Ok(Applied { state, delta, coordinated: false })
     }
 
     /// Merges a state (a delta or a full state from another replica) into a key.
@@ -547,7 +584,7 @@ mod tests {
             key: k.clone(),
             action: Action::Crdt(CrdtOp::Counter(crate::CounterOp::Decr(n))),
         };
-        let at_least_zero = |state: &Envelope| {
+        let at_least_zero = |_: &Envelope, state: &Envelope| {
             if state.value.counter().value() < 0 {
                 return Err(NodeError::InvariantViolation {
                     key: "balance".into(),

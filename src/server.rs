@@ -179,7 +179,8 @@ impl Server {
                 return Err(ServerError::InvalidConfig { reason: "gossip needs a peer address" })
             }
             (Some(gossip), Some(peer_addr)) => {
-                let meta = NodeMeta { http_addr, peer_addr, invariants_hash: 0 };
+                let invariants_hash = node.invariants().hash();
+                let meta = NodeMeta { http_addr, peer_addr, invariants_hash };
                 let membership = start_gossip(&config, gossip, node.id(), meta).await?;
                 cluster.set_membership(membership.watch());
                 background

@@ -354,3 +354,50 @@ fn serve_refuses_a_data_dir_another_server_holds() {
     assert_eq!(finished.stderr.matches(lock).count(), 1, "each cause said once: {finished:#?}");
     assert_eq!(server.node_id().len(), 16, "the first server still serves");
 }
+
+#[test]
+fn explain_reads_a_declarations_file_or_asks_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("invariants.toml");
+    std::fs::write(&file, "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n")
+        .unwrap();
+    let file = file.to_str().unwrap();
+    let one = process::run(&["explain", "--invariants", file, "account/alice", "decr"]);
+    one.assert_success();
+    let answer = json(&one.stdout);
+    assert_eq!(answer["route"], "quorum");
+    assert_eq!(answer["counterexample"]["merged"], "value -1");
+    let table = process::run(&["explain", "--invariants", file]);
+    table.assert_success();
+    assert_eq!(json(&table.stdout)["invariants"][0]["keys"], "account/*");
+    let half = process::run(&["explain", "--invariants", file, "account/alice"]);
+    half.assert_failure();
+    assert!(half.stderr.contains("give an operation after the key"), "{}", half.stderr);
+
+    let server = ServerProcess::start(&["--invariants", file]);
+    let asked = ok(&server, &["explain", "account/bob", "incr"]);
+    assert_eq!(json(&asked)["route"], "local");
+    let bad = fails(&server, &["explain", "account/bob", "fly"]);
+    assert!(bad.contains("bad_request") && bad.contains("unknown op"), "{bad}");
+}
+
+#[test]
+fn serve_refuses_a_malformed_invariants_file_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[[invariant]]\nkeys = \"a/*\"\ntype = \"histogram\"\nmin = 0\n")
+        .unwrap();
+    let data_dir = dir.path().join("data");
+    let finished = process::run(&[
+        "serve",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--invariants",
+        file.to_str().unwrap(),
+    ]);
+    finished.assert_failure();
+    assert!(finished.stderr.contains("unknown type \"histogram\""), "{}", finished.stderr);
+    assert_eq!(finished.stdout, "", "it never said it listens");
+}

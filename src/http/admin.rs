@@ -50,6 +50,12 @@ pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::V
             "invariants_hash": format!("{:016x}", identity.meta.invariants_hash),
         })
     };
+    let own_hash = me.meta.invariants_hash;
+    let describe = |identity: &calmkv_gossip::NodeIdentity, swim: &str, incarnation: u16| {
+        let mut member = describe(identity, swim, incarnation);
+        member["invariants_match"] = json!(identity.meta.invariants_hash == own_hash);
+        member
+    };
     let node = describe(&me, "alive", 0);
     let mut members = vec![node.clone()];
     for member in watch.members() {

@@ -80,10 +80,11 @@ fn with_context(mut response: Response, context: &CausalContext) -> Response {
 }
 
 /// Adds the headers every write answers with: the new context, and how it was
-/// coordinated (always locally until the quorum path exists).
+/// coordinated (`none`: locally; `quorum`: admitted under a declared invariant).
 fn written(response: impl IntoResponse, applied: &Applied) -> Response {
     let mut response = with_context(response.into_response(), applied.context());
-    response.headers_mut().insert(X_COORDINATION, HeaderValue::from_static("none"));
+    let how = if applied.coordinated { "quorum" } else { "none" };
+    response.headers_mut().insert(X_COORDINATION, HeaderValue::from_static(how));
     response
 }
 

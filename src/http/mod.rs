@@ -9,6 +9,7 @@
 
 mod admin;
 mod error;
+pub mod invariants;
 mod kv;
 
 pub use error::{ApiError, RETRY_AFTER_SECS};
@@ -108,6 +109,8 @@ pub fn route_table() -> Vec<(&'static str, &'static [Method], MethodRouter<AppSt
             get(kv::get).put(kv::put).delete(kv::delete).post(kv::post),
         ),
         ("/v1/cluster", &[Method::GET], get(admin::cluster)),
+        ("/v1/invariants", &[Method::GET], get(invariants::invariants)),
+        ("/v1/explain", &[Method::GET], get(invariants::explain_route)),
         ("/metrics", &[Method::GET], get(admin::metrics)),
         ("/healthz", &[Method::GET], get(admin::healthz)),
         ("/readyz", &[Method::GET], get(admin::readyz)),

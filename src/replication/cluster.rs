@@ -9,12 +9,15 @@ use super::harvest::{Consistency, Harvest};
 use super::message::PeerMessage;
 use super::peer::PeerChannel;
 use crate::envelope::Envelope;
+use crate::invariants::Route;
 use crate::op::{Key, Op};
 use crate::{Applied, Node, NodeError};
 use calmkv_crdts::{Crdt, NodeId};
 use calmkv_gossip::MembersWatch;
 use rand::seq::IndexedRandom;
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -65,16 +68,65 @@ pub struct ClusterRead {
     pub harvest: Harvest,
 }
 
-/// A node with its peer channel, and the membership view when the node gossips.
+/// Runs the operations that declared invariants route to the quorum.
+pub trait Coordinator: Send + Sync {
+    /// Proposes `op`; answers by `deadline` with the applied write (its delta
+    /// is what replicas merge), a refusal (`invariant_violation`,
+    /// `precondition_failed`), or `coordination_unavailable`.
+    fn propose(
+        &self,
+        op: Op,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>>;
+}
+
+/// A node with its peer channel, the membership view when the node gossips,
+/// and the coordinator when it belongs to a cluster with a quorum group.
 pub struct Cluster {
     channel: Arc<PeerChannel>,
     membership: std::sync::OnceLock<MembersWatch>,
+    coordinator: std::sync::OnceLock<Arc<dyn Coordinator>>,
 }
 
 impl Cluster {
     /// Cluster operations over `channel`.
     pub fn new(channel: Arc<PeerChannel>) -> Cluster {
-        Cluster { channel, membership: std::sync::OnceLock::new() }
+        Cluster {
+            channel,
+            membership: std::sync::OnceLock::new(),
+            coordinator: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Attaches the coordinator (once; later calls are ignored).
+    pub fn set_coordinator(&self, coordinator: Arc<dyn Coordinator>) {
+        let _ = self.coordinator.set(coordinator);
+    }
+
+    /// Whether this node is the only replica of its keys: no peers, no gossip.
+    fn alone(&self) -> bool {
+        self.membership.get().is_none() && self.channel.peers().is_empty()
+    }
+
+    /// Applies `op` where its route says: locally; through the coordinator when
+    /// a declared invariant needs it; admitted here when this node is the only
+    /// replica; refused when it needs a quorum this cluster does not have.
+    async fn apply(&self, op: Op, timeout: Duration) -> Result<Applied, NodeError> {
+        let node = self.node().clone();
+        let needs_quorum = matches!(node.invariants().route(&op)?, Route::Quorum { .. });
+        if !needs_quorum {
+            return blocking(move || node.apply(&op)).await;
+        }
+        if let Some(coordinator) = self.coordinator.get() {
+            return coordinator.propose(op, Instant::now() + timeout).await;
+        }
+        if self.alone() {
+            return blocking(move || node.apply_alone(&op)).await;
+        }
+        Err(NodeError::CoordinationUnavailable {
+            key: op.key.to_string(),
+            reason: "the operation needs the quorum and this cluster has no quorum group".into(),
+        })
     }
 
     /// Attaches the membership view (once; later calls are ignored).
@@ -112,9 +164,8 @@ impl Cluster {
         w: WriteQuorum,
         timeout: Duration,
     ) -> Result<Applied, ClusterError> {
-        let node = self.node().clone();
         let key = op.key.clone();
-        let applied = blocking(move || node.apply(&op)).await?;
+        let applied = self.apply(op, timeout).await?;
         let replicas = self.replicas_for(&key).len();
         let wanted = match w {
             WriteQuorum::One => 1,

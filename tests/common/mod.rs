@@ -41,6 +41,7 @@ pub struct Builder {
     limits: Limits,
     auth_token: Option<String>,
     on_disk: bool,
+    invariants: Option<Arc<calmkv::invariants::Invariants>>,
 }
 
 impl Builder {
@@ -53,6 +54,13 @@ impl Builder {
     /// Require `Authorization: Bearer <token>`.
     pub fn auth_token(mut self, token: &str) -> Builder {
         self.auth_token = Some(token.to_string());
+        self
+    }
+
+    /// Enforce these invariants.
+    pub fn invariants(mut self, toml: &str) -> Builder {
+        let parsed = calmkv::invariants::Invariants::parse(toml).expect("valid declarations");
+        self.invariants = Some(Arc::new(parsed));
         self
     }
 
@@ -70,7 +78,10 @@ impl Builder {
         } else {
             (Config::in_memory(), None)
         };
-        let config = Config { limits: self.limits, ..config };
+        let mut config = Config { limits: self.limits, ..config };
+        if let Some(invariants) = self.invariants {
+            config.invariants = invariants;
+        }
         let node = tokio::task::spawn_blocking(move || config.open_node())
             .await
             .expect("opening the node does not panic")
