@@ -44,6 +44,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod op;
+pub mod quorum;
 pub mod read;
 pub mod replication;
 pub mod server;

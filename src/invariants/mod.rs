@@ -47,7 +47,7 @@ pub const DECLARATIONS_MAX: usize = 1024;
 pub const FILE_BYTES_MAX: u64 = 1 << 20;
 
 /// The rule a declaration states about its keys.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Rule {
     /// A counter's value stays within `min..=max` (either bound optional).
@@ -138,7 +138,7 @@ impl fmt::Display for Rule {
 }
 
 /// One declaration: a key pattern and its rule.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Declaration {
     /// The keys it governs.
     pub keys: Pattern,

@@ -1,14 +1,14 @@
 //! Key patterns: literal text with `*` wildcards, each matching any run of
 //! characters (`/` included, the empty run too).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Longest pattern, in bytes.
 pub const PATTERN_BYTES_MAX: usize = 1024;
 
 /// A key pattern such as `account/*`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Pattern(String);
 

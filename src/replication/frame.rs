@@ -9,7 +9,6 @@
 //! the tag is HMAC-SHA256 over the version byte and body; a frame whose tag does
 //! not verify is refused whole. Decoding never panics on any input.
 
-use super::message::PeerMessage;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -91,9 +90,10 @@ pub enum FrameError {
     },
 }
 
-/// Encodes a message as a whole frame, length prefix included.
-pub fn encode_frame(
-    message: &PeerMessage,
+/// Encodes a message as a whole frame, length prefix included. Peer messages
+/// and the quorum's RPCs share the format.
+pub fn encode_frame<M: serde::Serialize>(
+    message: &M,
     secret: Option<&ClusterSecret>,
 ) -> Result<Vec<u8>, FrameError> {
     let mut frame = vec![0u8; 4];
@@ -123,10 +123,10 @@ pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
 }
 
 /// Decodes the bytes after a length prefix.
-pub fn decode_frame(
+pub fn decode_frame<M: serde::de::DeserializeOwned>(
     body: &[u8],
     secret: Option<&ClusterSecret>,
-) -> Result<PeerMessage, FrameError> {
+) -> Result<M, FrameError> {
     let tag_len = if secret.is_some() { TAG_BYTES } else { 0 };
     if body.len() < 1 + tag_len {
         return Err(FrameError::Truncated);
@@ -153,6 +153,7 @@ pub fn decode_frame(
 
 #[cfg(test)]
 mod tests {
+    use super::super::message::PeerMessage;
     use super::*;
     use crate::replication::anti_entropy::AntiEntropy;
     use proptest::prelude::*;
@@ -174,7 +175,10 @@ mod tests {
     fn a_frame_round_trips_with_and_without_a_secret() {
         for secret in [None, Some(secret())] {
             let frame = encode_frame(&sample(), secret.as_ref()).unwrap();
-            assert_eq!(decode_frame(body(&frame), secret.as_ref()).unwrap(), sample());
+            assert_eq!(
+                decode_frame::<PeerMessage>(body(&frame), secret.as_ref()).unwrap(),
+                sample()
+            );
         }
     }
 
@@ -182,16 +186,22 @@ mod tests {
     fn a_frame_signed_with_another_secret_is_refused() {
         let other = ClusterSecret::new(*b"another secret, also 32 bytes...").unwrap();
         let frame = encode_frame(&sample(), Some(&other)).unwrap();
-        assert_eq!(decode_frame(body(&frame), Some(&secret())), Err(FrameError::BadTag));
+        assert_eq!(
+            decode_frame::<PeerMessage>(body(&frame), Some(&secret())),
+            Err(FrameError::BadTag)
+        );
         let unsigned = encode_frame(&sample(), None).unwrap();
-        assert!(decode_frame(body(&unsigned), Some(&secret())).is_err());
+        assert!(decode_frame::<PeerMessage>(body(&unsigned), Some(&secret())).is_err());
     }
 
     #[test]
     fn a_tampered_frame_is_refused() {
         let mut frame = encode_frame(&sample(), Some(&secret())).unwrap();
         frame[6] ^= 1;
-        assert_eq!(decode_frame(&frame[4..], Some(&secret())), Err(FrameError::BadTag));
+        assert_eq!(
+            decode_frame::<PeerMessage>(&frame[4..], Some(&secret())),
+            Err(FrameError::BadTag)
+        );
     }
 
     #[test]
@@ -207,7 +217,7 @@ mod tests {
     fn truncated_frames_are_refused() {
         let frame = encode_frame(&sample(), None).unwrap();
         for cut in 0..frame.len() - 4 {
-            assert!(decode_frame(&frame[4..4 + cut], None).is_err(), "cut at {cut}");
+            assert!(decode_frame::<PeerMessage>(&frame[4..4 + cut], None).is_err(), "cut at {cut}");
         }
     }
 
@@ -219,8 +229,8 @@ mod tests {
     proptest! {
         #[test]
         fn prop_garbage_never_panics_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode_frame(&bytes, None);
-            let _ = decode_frame(&bytes, Some(&secret()));
+            let _ = decode_frame::<PeerMessage>(&bytes, None);
+            let _ = decode_frame::<PeerMessage>(&bytes, Some(&secret()));
         }
 
         #[test]
@@ -229,7 +239,7 @@ mod tests {
             let mut body = frame[4..].to_vec();
             let i = index.index(body.len());
             body[i] ^= 1 << bit;
-            prop_assert!(decode_frame(&body, Some(&secret())).is_err());
+            prop_assert!(decode_frame::<PeerMessage>(&body, Some(&secret())).is_err());
         }
     }
 }

@@ -1,0 +1,511 @@
+//! The quorum: a Raft group (openraft) of a few voter nodes that serializes
+//! the operations declared invariants route to it (DESIGN.md §6).
+//!
+//! Voters are listed by their quorum address, the same list on every node
+//! (`--voters a,b,c`); a voter's Raft id is its position in the list plus one.
+//! The first voter initializes the group when its log is empty. A node that is
+//! not a voter forwards proposals to a voter, which forwards them to the
+//! leader.
+//!
+//! Safety: every operation of the unsafe direction for a key goes through the
+//! log, and the state machine ([`store::StateMachine::decide`]) admits it only
+//! if the rule holds on `(everything the quorum admitted) ⊔ (what the proposer
+//! has seen) + the operation`. Safe-direction operations stay local and can
+//! only move the value away from the bound, so that view is conservative: for
+//! `min = 0` it counts every committed decrement and a subset of the real
+//! increments. An admitted operation's outcome is the key's whole joined state,
+//! which replicas merge: a replica that has a coordinated decrement therefore
+//! also has every increment it was counted against, and the rule holds on every
+//! replica at every moment.
+
+pub mod network;
+pub mod store;
+pub mod types;
+
+use crate::envelope::Envelope;
+use crate::invariants::{as_creation, Route};
+use crate::replication::cluster::Coordinator;
+use crate::replication::frame::ClusterSecret;
+use crate::store::Store;
+use crate::{Applied, Node, NodeError, Op};
+use network::{Client, Factory, Handler, NetworkMetrics, ProposeFailure, Request, Response};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::storage::Adaptor;
+use openraft::{BasicNode, Raft};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use store::{OnCommit, QuorumStore};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+pub use types::{Outcome, Proposal, TypeConfig, WireAction};
+
+/// Most hops a proposal is forwarded (non-voter → voter → leader).
+const FORWARD_HOPS_MAX: u8 = 2;
+
+/// Raft timings.
+#[derive(Clone, Copy, Debug)]
+pub struct Timings {
+    /// Leader heartbeat period.
+    pub heartbeat: Duration,
+    /// Election timeout range, lower end (the upper is twice it).
+    pub election_min: Duration,
+}
+
+impl Default for Timings {
+    /// LAN defaults: heartbeats every 100 ms, elections after 500–1,000 ms.
+    fn default() -> Timings {
+        Timings { heartbeat: Duration::from_millis(100), election_min: Duration::from_millis(500) }
+    }
+}
+
+/// How a node takes part in the quorum.
+#[derive(Clone, Debug)]
+pub struct QuorumConfig {
+    /// Every voter's quorum address, identical on every node.
+    pub voters: Vec<String>,
+    /// This node's quorum address when it is a voter (one of `voters`).
+    pub listen: Option<String>,
+    /// This voter's Raft id; `None` means its position in `voters` plus one.
+    /// A voter that replaces a dead one is given a new id (see
+    /// [`QuorumGroup::replace_voter`]): ids are never reused.
+    pub id: Option<u64>,
+    /// The cluster secret that authenticates quorum frames.
+    pub secret: Option<ClusterSecret>,
+    /// Raft timings.
+    pub timings: Timings,
+}
+
+/// Why the quorum could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QuorumError {
+    /// The configuration is unusable.
+    #[error("invalid quorum configuration: {0}")]
+    InvalidConfig(String),
+    /// The quorum address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// Raft could not start (storage).
+    #[error("the quorum could not start: {0}")]
+    Start(String),
+    /// This node is not the leader (for membership changes).
+    #[error("this node is not the quorum's leader (the leader is {leader:?})")]
+    NotLeader {
+        /// The leader's address, if known.
+        leader: Option<String>,
+    },
+}
+
+/// The quorum as a node sees it, for `/v1/cluster`.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuorumStatus {
+    /// Voter ids and addresses.
+    pub voters: BTreeMap<u64, String>,
+    /// This node's voter id, if it is one.
+    pub id: Option<u64>,
+    /// The leader's id, if known here.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: Option<u64>,
+    /// Index of the last log entry known committed (applied) here.
+    pub commit_index: Option<u64>,
+    /// The hash of the declarations this node enforces.
+    pub invariants_hash: String,
+}
+
+struct Voter {
+    id: u64,
+    raft: Raft<TypeConfig>,
+    store: QuorumStore,
+    listener: JoinHandle<()>,
+}
+
+/// A node's part in the quorum: a voter (with its Raft) or a client of the
+/// voters.
+pub struct QuorumGroup {
+    voters: Vec<String>,
+    secret: Option<ClusterSecret>,
+    voter: Option<Voter>,
+    node: Arc<Node>,
+    next_voter: AtomicUsize,
+    metrics: Arc<NetworkMetrics>,
+}
+
+/// Serves quorum requests on a voter.
+struct Serving {
+    raft: Raft<TypeConfig>,
+    group: std::sync::Weak<QuorumGroup>,
+}
+
+impl Handler for Serving {
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::AppendEntries(rpc) => {
+                Response::AppendEntries(self.raft.append_entries(rpc).await)
+            }
+            Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
+            Request::InstallSnapshot(rpc) => {
+                Response::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+            }
+            Request::Propose { proposal, hops } => match self.group.upgrade() {
+                Some(group) => Response::Propose(group.commit(proposal, hops).await),
+                None => Response::Propose(Err(ProposeFailure::NotApplied("stopping".into()))),
+            },
+        }
+    }
+}
+
+impl QuorumGroup {
+    /// Starts this node's part: with `config.listen`, a voter with its log in
+    /// `store`; otherwise a client of the voters.
+    pub async fn start(
+        config: QuorumConfig,
+        node: Arc<Node>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<QuorumGroup>, QuorumError> {
+        let listener = match &config.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| QuorumError::Bind { addr: addr.clone(), source })?,
+            ),
+            None => None,
+        };
+        QuorumGroup::start_on(config, listener, node, store).await
+    }
+
+    /// [`QuorumGroup::start`] on an already bound listener (a voter's
+    /// `config.listen` is then its advertised address).
+    pub async fn start_on(
+        config: QuorumConfig,
+        listener: Option<TcpListener>,
+        node: Arc<Node>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<QuorumGroup>, QuorumError> {
+        if config.voters.is_empty() {
+            return Err(QuorumError::InvalidConfig("no voters".into()));
+        }
+        let unique: BTreeSet<&String> = config.voters.iter().collect();
+        if unique.len() != config.voters.len() {
+            return Err(QuorumError::InvalidConfig("a voter is listed twice".into()));
+        }
+        let metrics = Arc::new(NetworkMetrics::default());
+        let Some(listen) = &config.listen else {
+            return Ok(Arc::new(QuorumGroup {
+                voters: config.voters,
+                secret: config.secret,
+                voter: None,
+                node,
+                next_voter: AtomicUsize::new(0),
+                metrics,
+            }));
+        };
+        let position = config.voters.iter().position(|v| v == listen).ok_or_else(|| {
+            QuorumError::InvalidConfig(format!(
+                "the quorum address {listen} is not among the voters"
+            ))
+        })?;
+        let id = config.id.unwrap_or(position as u64 + 1);
+        let raft_config = openraft::Config {
+            cluster_name: "calmkv".into(),
+            heartbeat_interval: config.timings.heartbeat.as_millis() as u64,
+            election_timeout_min: config.timings.election_min.as_millis() as u64,
+            election_timeout_max: 2 * config.timings.election_min.as_millis() as u64,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| QuorumError::InvalidConfig(e.to_string()))?;
+        let on_commit: OnCommit = {
+            let node = node.clone();
+            Arc::new(move |key: &str, state: &Envelope| {
+                let (node, key, state) = (node.clone(), key.to_string(), state.clone());
+                // The voter's own replica learns what the quorum admitted;
+                // idempotent, so a re-applied entry does no harm.
+                tokio::task::spawn_blocking(move || {
+                    if let Ok(key) = crate::Key::new(key, node.limits()) {
+                        if let Err(error) = node.merge(&key, &state) {
+                            tracing::warn!(%error, "merging a committed quorum state failed");
+                        }
+                    }
+                });
+            })
+        };
+        let quorum_store = QuorumStore::open(store, node.limits().clone(), Some(on_commit))
+            .map_err(|e| QuorumError::Start(e.to_string()))?;
+        let (log_store, state_machine) = Adaptor::new(quorum_store.clone());
+        let factory = Factory { secret: config.secret.clone() };
+        let raft = Raft::new(id, Arc::new(raft_config), factory, log_store, state_machine)
+            .await
+            .map_err(|e| QuorumError::Start(e.to_string()))?;
+        let listener = match listener {
+            Some(listener) => listener,
+            None => TcpListener::bind(listen)
+                .await
+                .map_err(|source| QuorumError::Bind { addr: listen.clone(), source })?,
+        };
+        let voters = config.voters.clone();
+        let group = Arc::new_cyclic(|weak: &std::sync::Weak<QuorumGroup>| {
+            let serving = Arc::new(Serving { raft: raft.clone(), group: weak.clone() });
+            let task = tokio::spawn(network::serve(
+                listener,
+                serving,
+                config.secret.clone(),
+                metrics.clone(),
+            ));
+            QuorumGroup {
+                voters,
+                secret: config.secret.clone(),
+                voter: Some(Voter { id, raft: raft.clone(), store: quorum_store, listener: task }),
+                node,
+                next_voter: AtomicUsize::new(0),
+                metrics: metrics.clone(),
+            }
+        });
+        if id == 1 {
+            let members: BTreeMap<u64, BasicNode> = config
+                .voters
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| (i as u64 + 1, BasicNode { addr: addr.clone() }))
+                .collect();
+            // Only a fresh log initializes; on a restart this is refused.
+            if let Err(error) = raft.initialize(members).await {
+                tracing::debug!(%error, "quorum already initialized");
+            }
+        }
+        Ok(group)
+    }
+
+    /// The quorum's transport counters.
+    pub fn metrics(&self) -> &Arc<NetworkMetrics> {
+        &self.metrics
+    }
+
+    /// Commits a proposal here (a voter) or forwards it; the outcome, or why
+    /// none could be had.
+    async fn commit(&self, proposal: Proposal, hops: u8) -> Result<Outcome, ProposeFailure> {
+        let own_hash = self.node.invariants().hash();
+        if proposal.invariants_hash != own_hash {
+            return Ok(Outcome::Refused {
+                code: "coordination_unavailable".into(),
+                message: format!(
+                    "the proposing node's invariant declarations (hash {:016x}) differ from this voter's ({own_hash:016x})",
+                    proposal.invariants_hash
+                ),
+            });
+        }
+        let Some(voter) = &self.voter else {
+            return self.forward(proposal, hops).await;
+        };
+        match voter.raft.client_write(proposal.clone()).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                match (forward.leader_id, forward.leader_node) {
+                    (Some(leader), Some(node)) if leader != voter.id && hops < FORWARD_HOPS_MAX => {
+                        let mut client = Client::new(node.addr, self.secret.clone());
+                        let request = Request::Propose { proposal, hops: hops + 1 };
+                        match client.call(&request, network::RPC_TIMEOUT).await {
+                            Ok(Response::Propose(answer)) => answer,
+                            Ok(_) => Err(ProposeFailure::NotApplied("unexpected answer".into())),
+                            Err(e) => {
+                                Err(ProposeFailure::NotApplied(format!("leader unreachable: {e}")))
+                            }
+                        }
+                    }
+                    _ => Err(ProposeFailure::NotApplied("no leader is known".into())),
+                }
+            }
+            Err(error) => Err(ProposeFailure::Unknown(error.to_string())),
+        }
+    }
+
+    /// A non-voter's proposal: tried on each voter in turn.
+    async fn forward(&self, proposal: Proposal, hops: u8) -> Result<Outcome, ProposeFailure> {
+        if hops >= FORWARD_HOPS_MAX {
+            return Err(ProposeFailure::NotApplied("too many forwards".into()));
+        }
+        let start = self.next_voter.fetch_add(1, Ordering::Relaxed);
+        let mut last = ProposeFailure::NotApplied("no voter answered".into());
+        for i in 0..self.voters.len() {
+            let addr = self.voters[(start + i) % self.voters.len()].clone();
+            let mut client = Client::new(addr, self.secret.clone());
+            let request = Request::Propose { proposal: proposal.clone(), hops: hops + 1 };
+            match client.call(&request, network::RPC_TIMEOUT).await {
+                Ok(Response::Propose(Ok(outcome))) => return Ok(outcome),
+                Ok(Response::Propose(Err(failure @ ProposeFailure::Unknown(_)))) => {
+                    return Err(failure)
+                }
+                Ok(Response::Propose(Err(failure))) => last = failure,
+                Ok(_) => {}
+                Err(e) => last = ProposeFailure::NotApplied(format!("voter unreachable: {e}")),
+            }
+        }
+        Err(last)
+    }
+
+    /// Proposes `op`, which a declared invariant routes here, by `deadline`.
+    pub async fn propose(&self, op: Op, deadline: Instant) -> Result<Applied, NodeError> {
+        let key = op.key.to_string();
+        let node = self.node.clone();
+        let invariants = node.invariants().clone();
+        let route = invariants.route(&op)?;
+        let Route::Quorum { declaration, .. } = &route else {
+            return Err(NodeError::BadRequest {
+                reason: "the operation needs no coordination".into(),
+            });
+        };
+        let op = as_creation(&op, &route);
+        let observed = {
+            let (node, key) = (node.clone(), op.key.clone());
+            match tokio::task::spawn_blocking(move || node.envelope(&key)).await {
+                Ok(result) => result?,
+                Err(join) => std::panic::resume_unwind(join.into_panic()),
+            }
+        };
+        let proposal = Proposal {
+            key: key.clone(),
+            action: WireAction::from(&op.action),
+            observed,
+            declaration: (*declaration).clone(),
+            invariants_hash: invariants.hash(),
+            now: calmkv_crdts::Hlc::default(),
+        };
+        let unavailable =
+            |reason: String| NodeError::CoordinationUnavailable { key: key.clone(), reason };
+        let answer = match tokio::time::timeout_at(deadline, self.commit(proposal, 0)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ProposeFailure::Unknown("no commit by the deadline".into())),
+        };
+        match answer {
+            Ok(Outcome::Committed { state, .. }) => {
+                let (merging, k) = (state.clone(), op.key.clone());
+                let node = node.clone();
+                match tokio::task::spawn_blocking(move || node.merge(&k, &merging)).await {
+                    Ok(result) => result?,
+                    Err(join) => std::panic::resume_unwind(join.into_panic()),
+                };
+                Ok(Applied { state: state.clone(), delta: state, coordinated: true })
+            }
+            Ok(Outcome::Refused { code, message }) => Err(Outcome::error(&code, &message, &key)),
+            Ok(Outcome::Nothing) => Err(unavailable("the quorum answered nothing".into())),
+            Err(ProposeFailure::NotApplied(reason)) => {
+                Err(unavailable(format!("no quorum reachable; not applied ({reason})")))
+            }
+            Err(ProposeFailure::Unknown(reason)) => Err(unavailable(format!(
+                "the quorum did not confirm by the deadline; the operation may or may not be applied ({reason})"
+            ))),
+        }
+    }
+
+    /// The group as this node sees it.
+    pub fn status(&self) -> QuorumStatus {
+        let mut status = QuorumStatus {
+            voters: self
+                .voters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i as u64 + 1, a.clone()))
+                .collect(),
+            id: None,
+            leader: None,
+            term: None,
+            commit_index: None,
+            invariants_hash: format!("{:016x}", self.node.invariants().hash()),
+        };
+        if let Some(voter) = &self.voter {
+            let metrics = voter.raft.metrics().borrow().clone();
+            status.id = Some(voter.id);
+            status.leader = metrics.current_leader;
+            status.term = Some(metrics.current_term);
+            status.commit_index = metrics.last_applied.map(|l| l.index);
+            status.voters = metrics
+                .membership_config
+                .membership()
+                .nodes()
+                .filter(|(id, _)| {
+                    metrics.membership_config.membership().voter_ids().any(|v| v == **id)
+                })
+                .map(|(id, node)| (*id, node.addr.clone()))
+                .collect();
+        }
+        status
+    }
+
+    /// The state the quorum admitted for `key`, on a voter.
+    pub fn admitted(&self, key: &str) -> Option<Envelope> {
+        self.voter.as_ref().and_then(|v| v.store.state_machine().key(key).cloned())
+    }
+
+    /// Replaces the voter `dead` with the voter `new_id` at `addr`, started
+    /// beforehand with that id (run on the leader): the new one joins as a
+    /// learner, catches up, then the voter set changes in one membership
+    /// change. `new_id` must be above every id the group has used.
+    pub async fn replace_voter(
+        &self,
+        dead: u64,
+        new_id: u64,
+        addr: String,
+    ) -> Result<(), QuorumError> {
+        let Some(voter) = &self.voter else {
+            return Err(QuorumError::NotLeader { leader: None });
+        };
+        let metrics = voter.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(voter.id) {
+            let leader = metrics.current_leader.and_then(|l| {
+                metrics.membership_config.membership().get_node(&l).map(|n| n.addr.clone())
+            });
+            return Err(QuorumError::NotLeader { leader });
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let mut voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if !voters.remove(&dead) {
+            return Err(QuorumError::InvalidConfig(format!("{dead} is not a voter")));
+        }
+        let highest = membership.nodes().map(|(id, _)| *id).max().unwrap_or(0);
+        if new_id <= highest {
+            return Err(QuorumError::InvalidConfig(format!(
+                "the new voter's id must be above {highest}: ids are never reused"
+            )));
+        }
+        voter
+            .raft
+            .add_learner(new_id, BasicNode { addr }, true)
+            .await
+            .map_err(|e| QuorumError::Start(e.to_string()))?;
+        voters.insert(new_id);
+        voter
+            .raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| QuorumError::Start(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Stops this node's Raft and listener.
+    pub async fn shutdown(&self) {
+        if let Some(voter) = &self.voter {
+            voter.listener.abort();
+            let _ = voter.raft.shutdown().await;
+        }
+    }
+}
+
+impl Coordinator for QuorumGroup {
+    fn propose(
+        &self,
+        op: Op,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
+        Box::pin(QuorumGroup::propose(self, op, deadline))
+    }
+}

@@ -1,0 +1,396 @@
+//! The quorum's log, vote and state machine, over calmkv's [`Store`] trait.
+//!
+//! The log, the vote, the committed and purged markers and the latest
+//! snapshot live in their own store (`<data dir>/quorum` with the sled engine
+//! in `Durability::Sync`, so an entry or a vote is fsynced before openraft is
+//! told it is stored). The state machine — per coordinated key, the joined
+//! state of everything the quorum admitted — is kept in memory and rebuilt on
+//! start from the latest snapshot plus the committed log after it.
+//!
+//! Store calls block (a sync write waits for the disk); the quorum's traffic
+//! is the unsafe-direction operations only, so they run inline on the Raft
+//! task rather than hopping to the blocking pool.
+
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes);
+// the helpers here return it as they do.
+#![allow(clippy::result_large_err)]
+
+use super::types::{Outcome, Proposal, TypeConfig};
+use crate::envelope::Envelope;
+use crate::invariants::{as_creation, Invariants, OpKind, Route};
+use crate::store::{Batch, Store, StoreError};
+use crate::{Limits, NodeError};
+use calmkv_crdts::{Crdt, NodeId};
+use openraft::storage::{LogState, RaftLogReader, RaftSnapshotBuilder, RaftStorage, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
+
+/// The actor the quorum's state machine mints dots as: every voter applies a
+/// committed entry as this same actor, so an admitted decrement has one dot
+/// and counts once, however many voters apply it.
+pub const QUORUM_ACTOR: NodeId = NodeId(u64::MAX);
+
+/// Most log entries read in one store page.
+const LOG_PAGE: usize = 1024;
+
+const LOG_PREFIX: &[u8] = b"l/";
+const VOTE: &[u8] = b"m/vote";
+const COMMITTED: &[u8] = b"m/committed";
+const PURGED: &[u8] = b"m/purged";
+const SNAPSHOT: &[u8] = b"m/snapshot";
+
+type Error = StorageError<u64>;
+
+/// Called on every voter after an entry is admitted: the key and its new
+/// joined state, for the local node to merge.
+pub type OnCommit = Arc<dyn Fn(&str, &Envelope) + Send + Sync>;
+
+/// The state machine: what the quorum admitted, per key.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StateMachine {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    keys: BTreeMap<String, Envelope>,
+}
+
+impl StateMachine {
+    /// The joined state of `key` as the quorum admitted it.
+    pub fn key(&self, key: &str) -> Option<&Envelope> {
+        self.keys.get(key)
+    }
+
+    /// Decides one proposal: joins the proposer's observation with what the
+    /// quorum admitted before, runs the operation as [`QUORUM_ACTOR`], and
+    /// admits it only if the declared rule holds on the result. Deterministic:
+    /// a function of the log alone.
+    pub fn decide(&mut self, proposal: &Proposal, limits: &Limits) -> Outcome {
+        let op = match proposal.op(limits) {
+            Ok(op) => op,
+            Err(error) => return Outcome::refused(&error),
+        };
+        let joined = self.keys.get(&proposal.key).cloned().unwrap_or_default();
+        let before = joined.merged(&proposal.observed);
+        let mut after = before.clone();
+        let kinds = OpKind::of(&op, proposal.declaration.rule.key_type()).unwrap_or_default();
+        let route = Route::Quorum { declaration: &proposal.declaration, kinds: kinds.clone() };
+        let op = as_creation(&op, &route);
+        let decided = crate::node::execute(&mut after, &op, QUORUM_ACTOR, proposal.now, limits)
+            .and_then(|_| {
+                Invariants::admit(&proposal.declaration, &kinds, &proposal.key, &before, &after)
+            });
+        match decided {
+            Ok(()) => {
+                self.keys.insert(proposal.key.clone(), after.clone());
+                Outcome::Committed { key: proposal.key.clone(), state: after }
+            }
+            Err(error) => Outcome::refused(&error),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, BasicNode>,
+    data: Vec<u8>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    sm: Mutex<StateMachine>,
+    limits: Limits,
+    on_commit: Option<OnCommit>,
+}
+
+/// The quorum's storage; cheap to clone (openraft holds a reader and a
+/// snapshot builder beside it).
+#[derive(Clone)]
+pub struct QuorumStore {
+    inner: Arc<Inner>,
+}
+
+fn io_read(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    StorageIOError::read(&e).into()
+}
+
+fn io_write(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    StorageIOError::write(&e).into()
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    rmp_serde::to_vec_named(value).map_err(io_write)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    rmp_serde::from_slice(bytes).map_err(io_read)
+}
+
+fn log_key(index: u64) -> Vec<u8> {
+    [LOG_PREFIX, &index.to_be_bytes()].concat()
+}
+
+impl QuorumStore {
+    /// Opens the quorum's storage over `store`, restoring the state machine
+    /// from the latest snapshot; `on_commit` hears every admitted entry.
+    pub fn open(
+        store: Arc<dyn Store>,
+        limits: Limits,
+        on_commit: Option<OnCommit>,
+    ) -> Result<QuorumStore, StoreError> {
+        let sm = match store.get(SNAPSHOT)? {
+            Some(bytes) => {
+                let stored: StoredSnapshot = rmp_serde::from_slice(&bytes)
+                    .map_err(|e| StoreError::Engine { source: Box::new(e) })?;
+                rmp_serde::from_slice(&stored.data)
+                    .map_err(|e| StoreError::Engine { source: Box::new(e) })?
+            }
+            None => StateMachine::default(),
+        };
+        Ok(QuorumStore { inner: Arc::new(Inner { store, sm: Mutex::new(sm), limits, on_commit }) })
+    }
+
+    /// A copy of the state machine.
+    pub fn state_machine(&self) -> StateMachine {
+        self.sm().clone()
+    }
+
+    fn sm(&self) -> std::sync::MutexGuard<'_, StateMachine> {
+        self.inner.sm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, Error> {
+        match self.inner.store.get(key).map_err(io_read)? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), Error> {
+        self.inner.store.apply(Batch::new().put(key.to_vec(), encode(value)?)).map_err(io_write)
+    }
+
+    /// Log entries with index in `[start, end)`.
+    fn entries(&self, start: u64, end: u64) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let mut out = Vec::new();
+        let mut after = start.checked_sub(1).map(log_key);
+        while (out.len() as u64) < end.saturating_sub(start) {
+            let page = self
+                .inner
+                .store
+                .scan_prefix(LOG_PREFIX, after.as_deref(), LOG_PAGE)
+                .map_err(io_read)?;
+            let full = page.len() == LOG_PAGE;
+            for (key, value) in &page {
+                let index = u64::from_be_bytes(
+                    key[LOG_PREFIX.len()..]
+                        .try_into()
+                        .map_err(|_| io_read(std::io::Error::other("malformed log key")))?,
+                );
+                if index >= end {
+                    return Ok(out);
+                }
+                out.push(decode(value)?);
+            }
+            match page.last() {
+                Some((last, _)) if full => after = Some(last.clone()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the log entries with index in `[from, to]`.
+    fn delete_range(&self, from: u64, to: u64) -> Result<(), Error> {
+        let keys: Vec<Vec<u8>> = self
+            .entries(from, to.saturating_add(1))?
+            .iter()
+            .map(|e| log_key(e.log_id.index))
+            .collect();
+        let batch = keys.into_iter().fold(Batch::new(), |batch, key| batch.delete(key));
+        self.inner.store.apply(batch).map_err(io_write)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for QuorumStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.entries(start, end)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for QuorumStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let sm = self.state_machine();
+        let data = encode(&sm)?;
+        let snapshot_id = match &sm.last_applied {
+            Some(id) => format!("{}-{}-{}", id.leader_id.term, id.leader_id.node_id, id.index),
+            None => "empty".to_string(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: sm.last_applied,
+            last_membership: sm.membership,
+            snapshot_id,
+        };
+        self.put(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStorage<TypeConfig> for QuorumStore {
+    type LogReader = QuorumStore;
+    type SnapshotBuilder = QuorumStore;
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Error> {
+        self.put(VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, Error> {
+        self.get(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Error> {
+        self.put(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Error> {
+        Ok(self.get::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+    }
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, Error> {
+        let purged: Option<LogId<u64>> = self.get(PURGED)?;
+        let last = self
+            .inner
+            .store
+            .scan_prefix(LOG_PREFIX, None, usize::MAX)
+            .map_err(io_read)?
+            .last()
+            .map(|(_, v)| decode::<Entry<TypeConfig>>(v))
+            .transpose()?
+            .map(|e| e.log_id);
+        Ok(LogState { last_purged_log_id: purged, last_log_id: last.or(purged) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn append_to_log<I>(&mut self, entries: I) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+    {
+        let mut batch = Batch::new();
+        for entry in entries {
+            batch = batch.put(log_key(entry.log_id.index), encode(&entry)?);
+        }
+        self.inner.store.apply(batch).map_err(io_write)
+    }
+
+    async fn delete_conflict_logs_since(&mut self, log_id: LogId<u64>) -> Result<(), Error> {
+        self.delete_range(log_id.index, u64::MAX - 1)
+    }
+
+    async fn purge_logs_upto(&mut self, log_id: LogId<u64>) -> Result<(), Error> {
+        self.put(PURGED, &log_id)?;
+        self.delete_range(0, log_id.index)
+    }
+
+    async fn last_applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), Error> {
+        let sm = self.sm();
+        Ok((sm.last_applied, sm.membership.clone()))
+    }
+
+    async fn apply_to_state_machine(
+        &mut self,
+        entries: &[Entry<TypeConfig>],
+    ) -> Result<Vec<Outcome>, Error> {
+        let mut outcomes = Vec::with_capacity(entries.len());
+        let mut committed = Vec::new();
+        {
+            let mut sm = self.sm();
+            for entry in entries {
+                sm.last_applied = Some(entry.log_id);
+                let outcome = match &entry.payload {
+                    EntryPayload::Blank => Outcome::Nothing,
+                    EntryPayload::Membership(membership) => {
+                        sm.membership =
+                            StoredMembership::new(Some(entry.log_id), membership.clone());
+                        Outcome::Nothing
+                    }
+                    EntryPayload::Normal(proposal) => sm.decide(proposal, &self.inner.limits),
+                };
+                if let Outcome::Committed { key, state } = &outcome {
+                    committed.push((key.clone(), state.clone()));
+                }
+                outcomes.push(outcome);
+            }
+        }
+        if let Some(on_commit) = &self.inner.on_commit {
+            for (key, state) in &committed {
+                on_commit(key, state);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let data = snapshot.into_inner();
+        let mut sm: StateMachine = decode(&data)?;
+        sm.last_applied = meta.last_log_id;
+        sm.membership = meta.last_membership.clone();
+        self.put(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
+        let installed: Vec<(String, Envelope)> =
+            sm.keys.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        *self.sm() = sm;
+        if let Some(on_commit) = &self.inner.on_commit {
+            for (key, state) in &installed {
+                on_commit(key, state);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        Ok(self.get::<StoredSnapshot>(SNAPSHOT)?.map(|stored| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
+    }
+}
+
+/// Maps a store error for callers outside openraft.
+pub fn store_error(error: Error) -> NodeError {
+    NodeError::CoordinationUnavailable { key: String::new(), reason: error.to_string() }
+}
