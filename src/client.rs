@@ -186,6 +186,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             };
             print_json(&client.send(request).await?.json().await?)
         }
+        Command::ReplaceVoter { dead, new_id, addr, conn } => {
+            let client = Client::new(conn)?;
+            let body = serde_json::json!({ "dead": dead, "id": new_id, "addr": addr });
+            let request = client.request(Method::POST, "/v1/quorum/replace").json(&body);
+            print_json(&client.send(request).await?.json().await?)
+        }
         Command::Members { conn } => {
             let client = Client::new(conn)?;
             let cluster: Json =

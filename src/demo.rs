@@ -7,12 +7,14 @@
 //! Ctrl-C or SIGTERM (each leaves the cluster and flushes its store).
 
 use anyhow::{bail, Context as _};
+use calmkv::invariants::Invariants;
 use calmkv::replication::frame::ClusterSecret;
-use calmkv::server::{GossipOptions, Server, ServerConfig};
+use calmkv::server::{GossipOptions, QuorumOptions, Server, ServerConfig};
 use calmkv::Config;
 use calmkv_gossip::MemberState;
 use clap::Args;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Most nodes a demo starts.
@@ -37,6 +39,25 @@ pub struct DemoArgs {
     /// Shared secret (at least 16 bytes) for gossip and peer traffic.
     #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
+    /// Invariant declarations every node enforces (TOML; docs/invariants.md).
+    #[arg(long)]
+    invariants: Option<PathBuf>,
+    /// How many of the nodes are quorum voters (the first ones); their quorum
+    /// addresses are <base-port + 300 + i - 1>.
+    #[arg(long, default_value_t = 3)]
+    voters: usize,
+}
+
+/// The voters' quorum addresses: fixed ports from the base, or, with base 0,
+/// ports the system hands out now (a port is free when chosen; another
+/// process could take it before the voter binds it).
+fn quorum_addrs(base: u16, count: usize) -> anyhow::Result<Vec<String>> {
+    if base != 0 {
+        return (0..count).map(|i| addr(base, 300, i)).collect();
+    }
+    let probes: Vec<std::net::TcpListener> =
+        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    probes.iter().map(|p| Ok(p.local_addr()?.to_string())).collect()
 }
 
 fn addr(base: u16, offset: u16, i: usize) -> anyhow::Result<String> {
@@ -70,12 +91,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (None, Some(temp)) => temp.path().to_path_buf(),
         (None, None) => unreachable!("a temporary directory is made when --data-dir is absent"),
     };
+    let invariants = match &args.invariants {
+        Some(path) => Arc::new(Invariants::load(path)?),
+        None => Arc::new(Invariants::none()),
+    };
+    let voter_count = args.voters.clamp(1, args.nodes);
+    let voters = quorum_addrs(args.base_port, voter_count)?;
     let mut servers: Vec<Server> = Vec::new();
     for i in 0..args.nodes {
-        let mut config = ServerConfig::new(
-            Config::new(root.join(format!("node-{}", i + 1))),
-            addr(args.base_port, 0, i)?,
-        );
+        let node = Config {
+            invariants: invariants.clone(),
+            ..Config::new(root.join(format!("node-{}", i + 1)))
+        };
+        let mut config = ServerConfig::new(node, addr(args.base_port, 0, i)?);
+        config.quorum = Some(QuorumOptions {
+            voters: voters.clone(),
+            listen: voters.get(i).cloned(),
+            ..QuorumOptions::default()
+        });
         config.peer_addr = Some(addr(args.base_port, 100, i)?);
         config.cluster_secret = secret.clone();
         let seeds = servers.first().and_then(Server::gossip_addr).into_iter().collect();
@@ -86,9 +119,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         servers.push(server);
     }
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    while !all_see_each_other(&servers) {
+    let has_leader = |servers: &[Server]| {
+        servers.iter().filter_map(Server::quorum).all(|q| q.status().leader.is_some())
+    };
+    while !all_see_each_other(&servers) || !has_leader(&servers) {
         if Instant::now() > deadline {
-            eprintln!("warning: the nodes do not all see each other yet; starting anyway");
+            eprintln!("warning: the nodes do not all see each other (or no quorum leader) yet; starting anyway");
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -97,6 +133,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let gossip = server.gossip_addr().map_or_else(|| "-".to_string(), |a| a.to_string());
         println!("node {} http=http://{} gossip={gossip}", i + 1, server.http_addr());
     }
+    println!("quorum voters: nodes 1 to {voter_count} ({})", voters.join(", "));
     match &temp {
         Some(temp) => println!(
             "data in {} (removed on exit); Ctrl-C stops the cluster",

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context as _};
 use calmkv::invariants::Invariants;
 use calmkv::replication::frame::ClusterSecret;
-use calmkv::server::{GossipOptions, Server, ServerConfig, ServerError};
+use calmkv::server::{GossipOptions, QuorumOptions, Server, ServerConfig, ServerError};
 use calmkv::store::Durability;
 use calmkv::{Config, Limits};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -14,6 +14,12 @@ use std::time::Duration;
 
 mod client;
 mod demo;
+
+/// Logs without `RUST_LOG`: calmkv at info. openraft reports every transient
+/// unreachable voter (a node starting, a partition) at error level, so it is
+/// silenced by default; `RUST_LOG=info,openraft=info` shows it. The quorum's
+/// real failures reach clients as `coordination_unavailable`.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=off";
 
 /// calmkv: a key-value store that stays available when the network breaks.
 #[derive(Parser)]
@@ -34,6 +40,18 @@ enum Command {
     /// List the cluster's members as a node sees them: SWIM state,
     /// incarnation, addresses.
     Members {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Replace a dead quorum voter (ask the leader, with --url): start the new
+    /// node first with --voters, --quorum-addr ADDR and --quorum-id NEW_ID.
+    ReplaceVoter {
+        /// The dead voter's id (see `quorum.voters` in /v1/cluster).
+        dead: u64,
+        /// The new voter's id, above every id the group used.
+        new_id: u64,
+        /// The new voter's quorum address.
+        addr: String,
         #[command(flatten)]
         conn: client::Conn,
     },
@@ -221,6 +239,17 @@ struct ServeArgs {
     /// peer frames; every member needs the same one.
     #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
+    /// The quorum group's voters, by quorum address, comma-separated, the same
+    /// list on every node (3 is the usual size). Operations that invariants
+    /// route to the quorum go through them.
+    #[arg(long, env = "CALMKV_VOTERS", value_delimiter = ',')]
+    voters: Vec<String>,
+    /// This node's quorum address, if it is one of --voters.
+    #[arg(long, env = "CALMKV_QUORUM_ADDR")]
+    quorum_addr: Option<String>,
+    /// This voter's id when it replaces a dead one (see `calmkv replace-voter`).
+    #[arg(long, env = "CALMKV_QUORUM_ID", requires = "quorum_addr")]
+    quorum_id: Option<u64>,
 }
 
 impl ServeArgs {
@@ -274,6 +303,17 @@ impl ServeArgs {
                 ClusterSecret::new(secret.as_bytes())
                     .context("--cluster-secret must be at least 16 bytes")?,
             );
+        }
+        if self.quorum_addr.is_some() && self.voters.is_empty() {
+            bail!("--quorum-addr needs --voters");
+        }
+        if !self.voters.is_empty() {
+            config.quorum = Some(QuorumOptions {
+                voters: self.voters.clone(),
+                listen: self.quorum_addr.clone(),
+                id: self.quorum_id,
+                ..QuorumOptions::default()
+            });
         }
         match &self.gossip_addr {
             None if !self.join.is_empty() => bail!("--join needs --gossip-addr"),
@@ -349,7 +389,7 @@ pub(crate) async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -13,10 +13,12 @@
 
 use crate::http::{AppState, HttpConfig};
 use crate::metrics::Metrics;
+use crate::quorum::{QuorumConfig, QuorumError, QuorumGroup, Timings};
 use crate::replication::cluster::Cluster;
 use crate::replication::frame::ClusterSecret;
 use crate::replication::outbox::OUTBOX_BYTES_MAX;
 use crate::replication::peer::{Peer, PeerChannel};
+use crate::store::{Durability, MemoryStore, SledStore, Store};
 use crate::{Config, Node, NodeError};
 use calmkv_crdts::NodeId;
 use calmkv_gossip::{
@@ -52,6 +54,22 @@ pub struct ServerConfig {
     /// Gossip membership; `None` for a node whose peers are set by hand
     /// ([`connect_all`]) or that has none. Needs `peer_addr`.
     pub gossip: Option<GossipOptions>,
+    /// The quorum group that admits operations declared invariants route to
+    /// it; `None` for a cluster without one (those operations are refused).
+    pub quorum: Option<QuorumOptions>,
+}
+
+/// How a server takes part in the quorum group.
+#[derive(Clone, Debug, Default)]
+pub struct QuorumOptions {
+    /// Every voter's quorum address, the same list on every node.
+    pub voters: Vec<String>,
+    /// This node's quorum address if it is a voter.
+    pub listen: Option<String>,
+    /// This voter's id when it replaces a dead voter (else its position + 1).
+    pub id: Option<u64>,
+    /// Raft timings.
+    pub timings: Timings,
 }
 
 /// How a server gossips.
@@ -89,6 +107,7 @@ impl ServerConfig {
             cluster_secret: None,
             anti_entropy_period: ANTI_ENTROPY_PERIOD,
             gossip: None,
+            quorum: None,
         }
     }
 }
@@ -116,6 +135,9 @@ pub enum ServerError {
     /// Gossip membership could not start (state file, configuration).
     #[error("gossip membership could not start: {0}")]
     Gossip(#[source] GossipError),
+    /// The quorum group could not start.
+    #[error(transparent)]
+    Quorum(#[from] QuorumError),
 }
 
 /// A running node.
@@ -125,6 +147,7 @@ pub struct Server {
     http_addr: SocketAddr,
     peer_addr: Option<SocketAddr>,
     membership: Option<Membership>,
+    quorum: Option<Arc<QuorumGroup>>,
     http_stop: Option<oneshot::Sender<()>>,
     http_task: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
@@ -188,6 +211,13 @@ impl Server {
                 Some(membership)
             }
         };
+        let quorum = match &config.quorum {
+            Some(options) => Some(start_quorum(&config, options, node.clone()).await?),
+            None => None,
+        };
+        if let Some(group) = &quorum {
+            cluster.set_coordinator(group.clone());
+        }
         let gossip_addr = membership.as_ref().map(|m| m.identity().gossip_addr);
         tracing::info!(node = %node.id(), %http_addr, ?peer_addr, ?gossip_addr, "node started");
         Ok(Server {
@@ -196,6 +226,7 @@ impl Server {
             http_addr,
             peer_addr,
             membership,
+            quorum,
             http_stop: Some(http_stop),
             http_task,
             background,
@@ -227,6 +258,11 @@ impl Server {
         self.membership.as_ref().map(Membership::watch)
     }
 
+    /// The node's part in the quorum group, if configured.
+    pub fn quorum(&self) -> Option<&Arc<QuorumGroup>> {
+        self.quorum.as_ref()
+    }
+
     /// This node as a peer of others, if it has a peer channel.
     pub fn peer(&self) -> Option<Peer> {
         self.peer_addr.map(|addr| Peer { id: self.node.id(), addr })
@@ -253,6 +289,9 @@ impl Server {
         for task in &self.background {
             task.abort();
         }
+        if let Some(quorum) = self.quorum.take() {
+            quorum.shutdown().await;
+        }
         self.cluster.channel().set_peers(Vec::new());
         let node = self.node.clone();
         match tokio::task::spawn_blocking(move || node.flush()).await {
@@ -269,6 +308,31 @@ impl Drop for Server {
         }
         self.http_task.abort();
     }
+}
+
+async fn start_quorum(
+    config: &ServerConfig,
+    options: &QuorumOptions,
+    node: Arc<Node>,
+) -> Result<Arc<QuorumGroup>, ServerError> {
+    let store: Arc<dyn Store> = if config.node.in_memory || options.listen.is_none() {
+        Arc::new(MemoryStore::new())
+    } else {
+        let dir = config.node.data_dir.join("quorum");
+        let open = move || SledStore::open(&dir, Durability::Sync);
+        match tokio::task::spawn_blocking(open).await {
+            Ok(store) => Arc::new(store.map_err(NodeError::from)?),
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    };
+    let quorum = QuorumConfig {
+        voters: options.voters.clone(),
+        listen: options.listen.clone(),
+        id: options.id,
+        secret: config.cluster_secret.clone(),
+        timings: options.timings,
+    };
+    Ok(QuorumGroup::start(quorum, node, store).await?)
 }
 
 async fn start_gossip(

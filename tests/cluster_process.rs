@@ -183,6 +183,8 @@ fn demo_starts_a_cluster_that_members_lists_and_sigterm_stops() {
         assert!(gossip.parse::<std::net::SocketAddr>().is_ok(), "{line}");
         urls.push(url.to_string());
     }
+    let quorum_line = lines.next().expect("the quorum line").unwrap();
+    assert!(quorum_line.starts_with("quorum voters: nodes 1 to 3"), "{quorum_line}");
     let data_line = lines.next().expect("the data directory line").unwrap();
     let data_dir = data_line
         .strip_prefix("data in ")

@@ -141,3 +141,129 @@ async fn servers_joined_by_gossip_replicate_and_report_a_stopped_member_down() {
         server.shutdown().await.unwrap();
     }
 }
+
+const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n";
+
+/// A bank on three whole servers (gossip, replication, a three-voter quorum):
+/// increments are local, decrements are coordinated and refused below zero;
+/// with two voters down, decrements fail with `coordination_unavailable` while
+/// increments keep working; a node whose declarations differ from the others'
+/// is refused writes, and `/v1/cluster` shows the mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_on_three_servers_coordinates_only_decrements() {
+    use calmkv::invariants::Invariants;
+    use calmkv::quorum::Timings;
+    use calmkv::server::{GossipOptions, QuorumOptions};
+    use std::sync::Arc;
+    let mut probes = Vec::new();
+    for _ in 0..3 {
+        probes.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let voters: Vec<String> = probes.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    drop(probes);
+    let invariants = Arc::new(Invariants::parse(BANK).unwrap());
+    let start = |listen: Option<String>,
+                 invariants: Arc<Invariants>,
+                 seed: Option<std::net::SocketAddr>| {
+        let voters = voters.clone();
+        async move {
+            let node = Config { invariants, ..Config::in_memory() };
+            let mut config = ServerConfig::new(node, "127.0.0.1:0");
+            config.peer_addr = Some("127.0.0.1:0".into());
+            config.gossip = Some(GossipOptions::new("127.0.0.1:0", seed.into_iter().collect()));
+            let timings = Timings {
+                heartbeat: Duration::from_millis(50),
+                election_min: Duration::from_millis(200),
+            };
+            config.quorum = Some(QuorumOptions { voters, listen, id: None, timings });
+            Server::start(config).await.unwrap()
+        }
+    };
+    let first = start(Some(voters[0].clone()), invariants.clone(), None).await;
+    let seed = first.gossip_addr();
+    let mut servers = vec![first];
+    for voter in &voters[1..] {
+        servers.push(start(Some(voter.clone()), invariants.clone(), seed).await);
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let post = |server: &Server, body: &'static str| {
+        http.post(url(server, "/v1/kv/account/alice")).body(body).send()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while servers.iter().any(|s| s.quorum().unwrap().status().leader.is_none()) {
+        assert!(tokio::time::Instant::now() < deadline, "no quorum leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let incr = post(&servers[0], r#"{"counter":{"incr":10}}"#).await.unwrap();
+    assert_eq!(
+        (incr.status().as_u16(), incr.headers()["x-coordination"].to_str().unwrap()),
+        (200, "none")
+    );
+    // Node 3 decrements once the increment has reached it (delta push).
+    while servers[2]
+        .node()
+        .envelope(&calmkv::Key::new("account/alice", &Default::default()).unwrap())
+        .unwrap()
+        .value
+        .counter()
+        .value()
+        != 10
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the increment never reached node 3");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let decr = post(&servers[2], r#"{"counter":{"decr":7}}"#).await.unwrap();
+    assert_eq!(
+        (decr.status().as_u16(), decr.headers()["x-coordination"].to_str().unwrap()),
+        (200, "quorum")
+    );
+    let over = post(&servers[1], r#"{"counter":{"decr":4}}"#).await.unwrap();
+    assert_eq!(over.status(), 409);
+    let body: serde_json::Value = over.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invariant_violation");
+    let cluster: serde_json::Value =
+        http.get(url(&servers[0], "/v1/cluster")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(cluster["quorum"]["voters"].as_object().unwrap().len(), 3, "{cluster}");
+
+    // A fourth node that missed the rule joins: its writes are refused, and
+    // /v1/cluster on it shows that the others' declarations do not match.
+    let stray = start(None, Arc::new(Invariants::none()), seed).await;
+    while stray.membership().unwrap().members().len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the stray node never joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = post(&stray, r#"{"counter":{"decr":100}}"#).await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "coordination_unavailable");
+    let cluster: serde_json::Value =
+        http.get(url(&stray, "/v1/cluster")).send().await.unwrap().json().await.unwrap();
+    let mismatched = cluster["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["invariants_match"] == false)
+        .count();
+    assert_eq!(mismatched, 3, "{cluster}");
+    stray.shutdown().await.unwrap();
+
+    // Two voters gone: no quorum. Decrements fail cleanly; increments go on.
+    let survivor = servers.remove(0);
+    for server in servers {
+        server.shutdown().await.unwrap();
+    }
+    let incr = post(&survivor, r#"{"counter":{"incr":1}}"#).await.unwrap();
+    assert_eq!(incr.status(), 200);
+    let request = http
+        .post(url(&survivor, "/v1/kv/account/alice?timeout_ms=1000"))
+        .body(r#"{"counter":{"decr":1}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(request.status(), 503);
+    assert!(request.headers().contains_key("retry-after"));
+    let body: serde_json::Value = request.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "coordination_unavailable");
+    survivor.shutdown().await.unwrap();
+}

@@ -35,7 +35,8 @@ pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::V
             "id": id.to_string(), "http_addr": state.inner.http_addr,
             "state": "alive", "incarnation": 0,
         });
-        return Json(json!({ "node": me, "members": [me], "quorum": null }));
+        let quorum = state.cluster().coordinator().map(|c| c.status());
+        return Json(json!({ "node": me, "members": [me], "quorum": quorum }));
     };
     let me = watch.identity();
     let describe = |identity: &calmkv_gossip::NodeIdentity, swim: &str, incarnation: u16| {
@@ -66,7 +67,8 @@ pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::V
         };
         members.push(describe(&member.identity, swim, member.incarnation));
     }
-    Json(json!({ "node": node, "members": members, "quorum": null }))
+    let quorum = state.cluster().coordinator().map(|c| c.status());
+    Json(json!({ "node": node, "members": members, "quorum": quorum }))
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -125,4 +127,30 @@ fn gossip_gauges(m: &calmkv_gossip::MetricsSnapshot) -> Vec<(&'static str, &'sta
     .into_iter()
     .map(|(name, help, value)| (name, help, value as f64))
     .collect()
+}
+
+/// The body of `POST /v1/quorum/replace`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Replace {
+    dead: u64,
+    id: u64,
+    addr: String,
+}
+
+/// `POST /v1/quorum/replace`: on the leader, replaces a dead voter with a new
+/// one (started beforehand with `--quorum-id`).
+pub(super) async fn replace_voter(
+    State(state): State<AppState>,
+    body: Result<Json<Replace>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(replace) = body.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
+    let Some(coordinator) = state.cluster().coordinator() else {
+        return Err(ApiError::BadRequest { reason: "this node has no quorum group".into() });
+    };
+    coordinator
+        .replace_voter(replace.dead, replace.id, replace.addr)
+        .await
+        .map_err(|reason| ApiError::BadRequest { reason })?;
+    Ok(Json(coordinator.status()))
 }

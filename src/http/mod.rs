@@ -23,7 +23,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, MethodRouter};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -111,6 +111,7 @@ pub fn route_table() -> Vec<(&'static str, &'static [Method], MethodRouter<AppSt
         ("/v1/cluster", &[Method::GET], get(admin::cluster)),
         ("/v1/invariants", &[Method::GET], get(invariants::invariants)),
         ("/v1/explain", &[Method::GET], get(invariants::explain_route)),
+        ("/v1/quorum/replace", &[Method::POST], post(admin::replace_voter)),
         ("/metrics", &[Method::GET], get(admin::metrics)),
         ("/healthz", &[Method::GET], get(admin::healthz)),
         ("/readyz", &[Method::GET], get(admin::readyz)),

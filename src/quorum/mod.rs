@@ -508,4 +508,19 @@ impl Coordinator for QuorumGroup {
     ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
         Box::pin(QuorumGroup::propose(self, op, deadline))
     }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(QuorumGroup::status(self)).unwrap_or_default()
+    }
+
+    fn replace_voter(
+        &self,
+        dead: u64,
+        id: u64,
+        addr: String,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            QuorumGroup::replace_voter(self, dead, id, addr).await.map_err(|e| e.to_string())
+        })
+    }
 }

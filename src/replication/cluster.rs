@@ -78,6 +78,18 @@ pub trait Coordinator: Send + Sync {
         op: Op,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>>;
+
+    /// The coordinator's state, as `/v1/cluster` shows it under `quorum`.
+    fn status(&self) -> serde_json::Value;
+
+    /// Replaces the dead voter `dead` with the voter `id` at `addr` (on the
+    /// leader; otherwise an error naming the leader).
+    fn replace_voter(
+        &self,
+        dead: u64,
+        id: u64,
+        addr: String,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
 }
 
 /// A node with its peer channel, the membership view when the node gossips,
@@ -103,6 +115,38 @@ impl Cluster {
         let _ = self.coordinator.set(coordinator);
     }
 
+    /// The coordinator, when the cluster has a quorum group.
+    pub fn coordinator(&self) -> Option<&Arc<dyn Coordinator>> {
+        self.coordinator.get()
+    }
+
+    /// Refuses writes on a node whose invariant declarations disagree with
+    /// most of the alive members' (gossip metadata): such a node could run
+    /// an unsafe operation locally because it missed a rule.
+    fn check_declarations(&self, key: &Key) -> Result<(), NodeError> {
+        let Some(watch) = self.membership.get() else { return Ok(()) };
+        let own = self.node().invariants().hash();
+        let mut hashes = vec![own];
+        hashes.extend(
+            watch
+                .members()
+                .iter()
+                .filter(|m| m.state.is_active())
+                .map(|m| m.identity.meta.invariants_hash),
+        );
+        let agreeing = hashes.iter().filter(|h| **h == own).count();
+        if agreeing == hashes.len() || agreeing * 2 > hashes.len() {
+            return Ok(());
+        }
+        Err(NodeError::CoordinationUnavailable {
+            key: key.to_string(),
+            reason: format!(
+                "this node's invariant declarations (hash {own:016x}) differ from most members'; \
+                 writes are refused until they match (see /v1/cluster)"
+            ),
+        })
+    }
+
     /// Whether this node is the only replica of its keys: no peers, no gossip.
     fn alone(&self) -> bool {
         self.membership.get().is_none() && self.channel.peers().is_empty()
@@ -112,6 +156,7 @@ impl Cluster {
     /// a declared invariant needs it; admitted here when this node is the only
     /// replica; refused when it needs a quorum this cluster does not have.
     async fn apply(&self, op: Op, timeout: Duration) -> Result<Applied, NodeError> {
+        self.check_declarations(&op.key)?;
         let node = self.node().clone();
         let needs_quorum = matches!(node.invariants().route(&op)?, Route::Quorum { .. });
         if !needs_quorum {
