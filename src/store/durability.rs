@@ -19,6 +19,14 @@ pub const FLUSH_INTERVAL_MAX: Duration = Duration::from_secs(3600);
 /// full speed it costs one flush per 64 batches.
 pub const UNFLUSHED_BATCHES_MAX: u64 = 64;
 
+/// The bound of [`Durability::None`]: acknowledged batches not yet durable
+/// past which a writer waits for the background flush. The same as
+/// `Interval`'s: with a bound of 4,096 the stress test
+/// `sustained_writes_never_stall_in_any_durability_mode` stalled for good
+/// (sled 0.34.7's deadlock, module doc of the sled engine), so `None` is
+/// `Interval(500 ms)` in all but name.
+pub const NONE_UNFLUSHED_BATCHES_MAX: u64 = UNFLUSHED_BATCHES_MAX;
+
 /// When `apply` returns, and what a crash can take back.
 ///
 /// "Crash" means two different things. A process crash (`kill -9`, a panic that
@@ -30,20 +38,12 @@ pub const UNFLUSHED_BATCHES_MAX: u64 = 64;
 /// |---|---|---|
 /// | `Sync` (default) | after the batch is on the device (sled's flush, then `fdatasync`); concurrent writers share one flush (group commit) | nothing acknowledged |
 /// | `Interval(d)` | at once, unless [`UNFLUSHED_BATCHES_MAX`] acknowledged batches are not yet durable: then after a flush. A thread flushes every `d` | the writes of the last `d` plus one flush's time, and never more than [`UNFLUSHED_BATCHES_MAX`] acknowledged batches |
-/// | `None` | at once, always | the writes of the last 500 ms at a light load; **without bound under sustained load** (below) |
+/// | `None` | at once, unless [`NONE_UNFLUSHED_BATCHES_MAX`] acknowledged batches are not yet durable. A thread flushes every 500 ms | the writes of the last 500 ms plus one flush's time, and never more than [`NONE_UNFLUSHED_BATCHES_MAX`] acknowledged batches |
 ///
-/// Under `None`, a write waits for nothing, so writers can outrun the disk, and
-/// only sled's own flusher runs (every 500 ms; it seals the current buffer and
-/// fsyncs what has been written, without waiting for the rest). sled 0.34
-/// queues its log writes on an unbounded queue: writers at full speed built a
-/// backlog of 7–11 s (measured as the time closing the store then took), and
-/// that backlog is what a crash loses. `Sync` and `Interval` hold writers back
-/// instead.
-///
-/// Values large enough to go to a file of their own (sled "blobs", a page over
-/// about 128 KiB) are fsynced by every flush of this engine, but not by sled's
-/// own flusher: under `None` they are as durable as the kernel's write-back
-/// makes them (about 30 s on Linux).
+/// sled's own background flusher is never used: under sustained writes it
+/// flushed an unbounded backlog while holding sled's process-wide lock, which
+/// stalled every writer for seconds (and, in sled 0.34.7, could deadlock). The
+/// bounds keep each flush's work, and so each stall, small.
 ///
 /// A clean shutdown (dropping the store, after the node's final flush) makes
 /// everything durable in every mode.
@@ -55,7 +55,8 @@ pub enum Durability {
     /// Acknowledge at once within [`UNFLUSHED_BATCHES_MAX`]; flush every period
     /// (between [`FLUSH_INTERVAL_MIN`] and [`FLUSH_INTERVAL_MAX`]).
     Interval(Duration),
-    /// Acknowledge at once; leave flushing to the engine's own defaults.
+    /// Acknowledge at once within [`NONE_UNFLUSHED_BATCHES_MAX`]; flush every
+    /// 500 ms.
     None,
 }
 

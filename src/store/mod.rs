@@ -17,7 +17,10 @@ mod memory;
 mod node_id;
 mod sled_engine;
 
-pub use durability::{Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, UNFLUSHED_BATCHES_MAX};
+pub use durability::{
+    Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, NONE_UNFLUSHED_BATCHES_MAX,
+    UNFLUSHED_BATCHES_MAX,
+};
 pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use sled_engine::SledStore;

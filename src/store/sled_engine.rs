@@ -20,10 +20,11 @@
 //!   docs/benchmarks.md §5.1). With writers held within the bound, sled's IO
 //!   queue stays short, as under `Sync`, and the stress test
 //!   `sustained_writes_never_stall_in_any_durability_mode` runs clean.
-//! - `None`: no flush of this engine at all; sled's own flusher thread runs at
-//!   its default period (500 ms): it seals the current IO buffer, cleans
-//!   segments and `fsync`s the data file, without waiting for sled's IO queue,
-//!   which is unbounded. It is joined when sled's last handle is dropped.
+//! - `None`: the same flusher every 500 ms, with the same bound
+//!   ([`NONE_UNFLUSHED_BATCHES_MAX`]; a looser one deadlocked the stress test). sled's own flusher thread is never used:
+//!   under sustained writes it flushed an unbounded backlog under sled's
+//!   process-wide lock and stalled every writer for seconds (an HTTP load run
+//!   saw every connection time out).
 //!
 //! sled's flusher is also what runs sled's segment cleaning, so under `Sync` and
 //! `Interval` segments are freed only as their pages are rewritten. On an
@@ -39,8 +40,8 @@
 //! serializes batches process-wide anyway), a scan page holds its read side.
 
 use super::group_commit::{CommitError, GroupCommit};
-use super::UNFLUSHED_BATCHES_MAX;
 use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
+use super::{NONE_UNFLUSHED_BATCHES_MAX, UNFLUSHED_BATCHES_MAX};
 use crate::metrics::Histogram;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
@@ -64,8 +65,8 @@ const LOCK_RELEASE_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How often an open looks again at a taken lock.
 const LOCK_RETRY_PERIOD: Duration = Duration::from_millis(10);
 
-/// sled's own flush period, used by [`Durability::None`].
-const SLED_DEFAULT_FLUSH_EVERY_MS: u64 = 500;
+/// The background flush period of [`Durability::None`].
+const NONE_FLUSH_PERIOD: Duration = Duration::from_millis(500);
 
 /// sled's data file (the log), inside the store's directory.
 const DATA_FILE: &str = "db";
@@ -113,11 +114,10 @@ impl SledStore {
         lock_wait_max: Duration,
     ) -> Result<SledStore, StoreError> {
         let durability = durability.validate()?;
-        let sled_flush_every_ms = match durability {
-            Durability::Sync | Durability::Interval(_) => None,
-            Durability::None => Some(SLED_DEFAULT_FLUSH_EVERY_MS),
-        };
-        let config = sled::Config::new().path(dir).flush_every_ms(sled_flush_every_ms);
+        // sled's own flusher stays off in every mode: under sustained writes
+        // it flushed an unbounded backlog while holding sled's global lock,
+        // stalling every writer for seconds (docs/benchmarks.md).
+        let config = sled::Config::new().path(dir).flush_every_ms(None);
         let db = open_when_released(dir, &config, lock_wait_max)?;
         let engine = Arc::new(Engine {
             db,
@@ -125,12 +125,17 @@ impl SledStore {
             files: DataFiles::open(dir)?,
             flush_latency: Arc::new(Histogram::default()),
         });
-        let flusher = match durability {
-            Durability::Interval(period) => Some(
+        let period = match durability {
+            Durability::Interval(period) => Some(period),
+            Durability::None => Some(NONE_FLUSH_PERIOD),
+            Durability::Sync => None,
+        };
+        let flusher = match period {
+            Some(period) => Some(
                 Flusher::start(engine.clone(), period)
                     .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?,
             ),
-            Durability::Sync | Durability::None => None,
+            None => None,
         };
         Ok(SledStore {
             engine,
@@ -369,13 +374,13 @@ impl Store for SledStore {
             Durability::Interval(_) if generation > UNFLUSHED_BATCHES_MAX => {
                 engine.wait_durable(generation - UNFLUSHED_BATCHES_MAX)
             }
+            Durability::None if generation > NONE_UNFLUSHED_BATCHES_MAX => {
+                engine.wait_durable(generation - NONE_UNFLUSHED_BATCHES_MAX)
+            }
             Durability::Interval(_) | Durability::None => Ok(()),
         }
     }
 
-    /// Under `None`, call it when writes have quiesced (a shutdown): a flush
-    /// beside sustained writes, which `None` does not hold back, can trigger
-    /// sled 0.34.7's deadlock (module doc).
     fn flush(&self) -> Result<(), StoreError> {
         self.engine.wait_durable(self.engine.commit.registered())
     }
@@ -505,11 +510,11 @@ mod tests {
         assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
     }
 
-    /// Under `None` no flush of this engine runs on the write path, however many
-    /// batches are written (sled's flusher writes them out); an explicit flush
-    /// and a drop do.
+    /// Under `None` writes are acknowledged without waiting for a flush up to
+    /// `NONE_UNFLUSHED_BATCHES_MAX` unflushed batches (the background flush is
+    /// 500 ms away); an explicit flush and a drop make everything durable.
     #[test]
-    fn none_never_flushes_on_its_own_and_drop_makes_writes_durable() {
+    fn none_acknowledges_without_flushing_below_its_bound_and_drop_makes_writes_durable() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), Durability::None);
         let commit = &store.engine.commit;
@@ -517,9 +522,10 @@ mod tests {
         for i in 0..writes {
             store.apply(Batch::new().put(i.to_be_bytes(), "v")).unwrap();
         }
-        assert_eq!((commit.registered(), commit.flushes()), (writes, 0));
+        assert_eq!(commit.registered(), writes);
+        assert!(commit.durable() <= writes);
         store.flush().unwrap();
-        assert_eq!((commit.durable(), commit.flushes()), (writes, 1));
+        assert_eq!(commit.durable(), writes);
         store.apply(Batch::new().put("last", "v")).unwrap();
         drop(store);
         let store = open(dir.path(), Durability::None);
