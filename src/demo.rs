@@ -97,6 +97,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let voter_count = args.voters.clamp(1, args.nodes);
     let voters = quorum_addrs(args.base_port, voter_count)?;
+    let stop = crate::shutdown_signal();
     let mut servers: Vec<Server> = Vec::new();
     for i in 0..args.nodes {
         let node = Config {
@@ -141,7 +142,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
         None => println!("data in {} (kept); Ctrl-C stops the cluster", root.display()),
     }
-    crate::shutdown_signal().await;
+    stop.await;
     for (i, server) in servers.into_iter().enumerate() {
         if let Err(error) = server.shutdown().await {
             eprintln!("node {}: {error}", i + 1);

@@ -342,6 +342,7 @@ async fn resolve_all(addrs: &[String]) -> anyhow::Result<Vec<std::net::SocketAdd
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.server_config().await?;
+    let stop = shutdown_signal();
     let server = Server::start(config).await.map_err(|error| match error {
         ServerError::Node(error) => anyhow::Error::new(error)
             .context(format!("cannot open the data directory {}", args.data_dir.display())),
@@ -356,7 +357,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let (Some(gossip), Some(peer)) = (server.gossip_addr(), server.peer()) {
         println!("calmkv node {id} gossip={gossip} peer={}", peer.addr);
     }
-    shutdown_signal().await;
+    stop.await;
     tracing::info!("finishing: leaving the cluster, draining requests, flushing the store");
     server.shutdown().await?;
     tracing::info!("stopped");
@@ -364,24 +365,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    // Registered now, not at the first poll: a SIGTERM that arrives between
+    // "listening" and the first poll must stop the node gracefully, not kill it.
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut interrupt, mut terminate) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::interrupt()).ok(), signal(SignalKind::terminate()).ok())
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        () = term => tracing::info!("SIGTERM: shutting down"),
+    async move {
+        #[cfg(unix)]
+        {
+            let interrupt = async {
+                match &mut interrupt {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let terminate = async {
+                match &mut terminate {
+                    Some(signal) => signal.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = interrupt => tracing::info!("Ctrl-C: shutting down"),
+                _ = terminate => tracing::info!("SIGTERM: shutting down"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("Ctrl-C: shutting down");
+        }
     }
 }
 
