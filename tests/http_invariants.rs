@@ -60,7 +60,7 @@ async fn decrements_are_coordinated_and_refused_below_min_with_the_store_unchang
 async fn a_unique_key_is_created_once_and_updated_with_its_context() {
     let server = TestServer::builder().invariants(BANK).start().await;
     let first = send(server.put("/v1/kv/username/ann").body("owner-1")).await;
-    assert_eq!(first.status(), StatusCode::NO_CONTENT);
+    assert_eq!(first.status(), StatusCode::CREATED, "a claim is a creation");
     assert_eq!(first.headers()["x-coordination"], "quorum");
     let context = first.headers()["x-context"].to_str().unwrap().to_string();
     // A second creation, with or without If-None-Match, is refused.

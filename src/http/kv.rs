@@ -256,7 +256,10 @@ pub(super) async fn put(
         }
     };
     let applied = write(&state, Op { key, action }, params.w, params.timeout_ms).await?;
-    Ok(written(if if_absent { StatusCode::CREATED } else { StatusCode::NO_CONTENT }, &applied))
+    // A coordinated register write is a creation: on a key declared unique, a
+    // write without a context runs as insert-if-absent.
+    let created = if_absent || applied.coordinated;
+    Ok(written(if created { StatusCode::CREATED } else { StatusCode::NO_CONTENT }, &applied))
 }
 
 /// `DELETE /v1/kv/{key}`: delete what `X-Context` saw, or everything here.
