@@ -440,7 +440,7 @@ fn apply_crdt(
     match op {
         CrdtOp::Counter(CounterOp::Incr(n)) => value.with_counter(|c| c.incr(node, *n)),
         CrdtOp::Counter(CounterOp::Decr(n)) => value.with_counter(|c| c.decr(node, *n)),
-        CrdtOp::Flag(FlagOp::Enable) => value.with_flag(|f| Ok(f.enable(node))),
+        CrdtOp::Flag(FlagOp::Enable) => value.with_flag(|f| f.enable(node)),
         CrdtOp::Flag(FlagOp::Disable) => value.with_flag(|f| Ok(f.disable())),
         CrdtOp::Register(text) => value.with_register(|r| {
             // Supersede exactly this field's values: the shared context would

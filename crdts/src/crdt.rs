@@ -91,6 +91,13 @@ pub enum CrdtError {
         /// The bound.
         max: usize,
     },
+    /// The node's dots are used up: the context already claims its dot
+    /// `u64::MAX`. Only a forged context could; nothing was changed.
+    #[error("node {node} has no dot left in this context")]
+    DotsExhausted {
+        /// The node whose next dot would pass `u64::MAX`.
+        node: NodeId,
+    },
     /// The node's own share of the counter would pass `u64::MAX`.
     #[error("counter overflow: node {node}'s total would pass {max}", max = u64::MAX)]
     CounterOverflow {
