@@ -33,6 +33,11 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Size of the encoded context token a client may send.
     pub context_bytes_max: usize,
+    /// Entries (writer nodes plus outstanding dots) of one key's stored causal
+    /// context. A client's context can no longer grow it (it is restricted to
+    /// what the replica has seen); the bound guards against peers and against
+    /// history piling up, and is crossed with `409 limit_exceeded`.
+    pub context_entries_max: usize,
 }
 
 impl Limits {
@@ -58,6 +63,8 @@ impl Limits {
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default largest context token (64 KiB).
     pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
+    /// Default entries of a key's stored context.
+    pub const CONTEXT_ENTRIES_MAX: usize = calmkv_crdts::Limits::CONTEXT_ENTRIES_MAX;
 
     /// Checks that the bounds can work together: every count at least 1, a value
     /// smaller than a request body, a member no larger than a value.
@@ -73,6 +80,7 @@ impl Limits {
             ("in_flight_requests_max", self.in_flight_requests_max),
             ("scan_page_max", self.scan_page_max),
             ("context_bytes_max", self.context_bytes_max),
+            ("context_entries_max", self.context_entries_max),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(format!("{name} must be at least 1"));
@@ -91,7 +99,14 @@ impl Limits {
 
     /// The bounds the CRDT mutators enforce.
     pub fn crdt(&self) -> calmkv_crdts::Limits {
-        calmkv_crdts::Limits { members_max: self.members_max, siblings_max: self.siblings_max }
+        calmkv_crdts::Limits {
+            members_max: self.members_max,
+            siblings_max: self.siblings_max,
+            context_entries_max: self.context_entries_max,
+            depth_max: self.map_depth_max,
+            value_bytes_max: self.value_bytes_max,
+            member_bytes_max: self.member_bytes_max,
+        }
     }
 }
 
@@ -113,6 +128,7 @@ impl Default for Limits {
             scan_page_max: Self::SCAN_PAGE_MAX,
             request_timeout: Self::REQUEST_TIMEOUT,
             context_bytes_max: Self::CONTEXT_BYTES_MAX,
+            context_entries_max: Self::CONTEXT_ENTRIES_MAX,
         }
     }
 }

@@ -53,18 +53,43 @@ pub struct Limits {
     pub members_max: usize,
     /// Concurrent values (siblings) of one multi-value register.
     pub siblings_max: usize,
+    /// Entries (vector nodes plus outstanding dots) of one key's causal context.
+    pub context_entries_max: usize,
+    /// Depth of maps nested in maps (a top-level map is depth 1).
+    pub depth_max: usize,
+    /// Bytes of one register value.
+    pub value_bytes_max: usize,
+    /// Bytes of one set member or map field name.
+    pub member_bytes_max: usize,
 }
 
 impl Limits {
     /// Default members per set or map (DESIGN.md §8).
     pub const MEMBERS_MAX: usize = 100_000;
-    /// Default siblings per register (DESIGN.md §8).
+    /// Default siblings per register (docs/design.md, limits).
     pub const SIBLINGS_MAX: usize = 64;
+    /// Default context entries per key. A key's context holds one vector entry
+    /// per node that ever wrote it, plus dots received out of order; 4,096
+    /// leaves room for every node of any cluster calmkv is built for.
+    pub const CONTEXT_ENTRIES_MAX: usize = 4_096;
+    /// Default depth of nested maps.
+    pub const DEPTH_MAX: usize = 8;
+    /// Default bytes per register value (1 MiB).
+    pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
+    /// Default bytes per set member or field name (1 KiB).
+    pub const MEMBER_BYTES_MAX: usize = 1024;
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { members_max: Self::MEMBERS_MAX, siblings_max: Self::SIBLINGS_MAX }
+        Limits {
+            members_max: Self::MEMBERS_MAX,
+            siblings_max: Self::SIBLINGS_MAX,
+            context_entries_max: Self::CONTEXT_ENTRIES_MAX,
+            depth_max: Self::DEPTH_MAX,
+            value_bytes_max: Self::VALUE_BYTES_MAX,
+            member_bytes_max: Self::MEMBER_BYTES_MAX,
+        }
     }
 }
 
@@ -88,6 +113,32 @@ pub enum CrdtError {
     TooManySiblings {
         /// Siblings the register would have after the write.
         siblings: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A key's causal context would hold more than `max` entries.
+    #[error("the context would have {entries} entries, more than the limit of {max}")]
+    ContextTooLarge {
+        /// Entries the context would have.
+        entries: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// Maps are nested deeper than `max`.
+    #[error("maps are nested {depth} deep, more than the limit of {max}")]
+    TooDeep {
+        /// The depth found.
+        depth: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A register value, set member or field name is longer than `max` bytes.
+    #[error("a {what} of {bytes} bytes is longer than the limit of {max}")]
+    TooLong {
+        /// `"value"`, `"member"` or `"field name"`.
+        what: &'static str,
+        /// Its length.
+        bytes: usize,
         /// The bound.
         max: usize,
     },

@@ -16,7 +16,14 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 
 /// Limits small enough that histories cross them.
-pub const TEST_LIMITS: Limits = Limits { members_max: 6, siblings_max: 3 };
+pub const TEST_LIMITS: Limits = Limits {
+    members_max: 6,
+    siblings_max: 3,
+    context_entries_max: Limits::CONTEXT_ENTRIES_MAX,
+    depth_max: Limits::DEPTH_MAX,
+    value_bytes_max: Limits::VALUE_BYTES_MAX,
+    member_bytes_max: Limits::MEMBER_BYTES_MAX,
+};
 
 /// One operation of a history, as it happened.
 #[derive(Clone, Debug)]
