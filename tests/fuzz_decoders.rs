@@ -121,7 +121,7 @@ fn inputs() -> impl Strategy<Value = Vec<u8>> {
 /// What the node does with a key state it decoded from a peer or its disk.
 fn use_state(envelope: &Envelope) {
     let limits = calmkv::Limits::default().crdt();
-    let _ = envelope.value.validate(&limits);
+    let valid = envelope.value.validate(&limits).is_ok();
     let _ = envelope.types();
     let _ = envelope.value.counter().value();
     let _ = envelope.value.register().values().count();
@@ -130,7 +130,11 @@ fn use_state(envelope: &Envelope) {
     let mut merged = Envelope::default();
     merged.merge(envelope);
     merged.merge(envelope);
-    assert_eq!(&merged, envelope, "merging a decoded state twice is not idempotent");
+    if valid {
+        // What the node accepts behaves as a state: merging it is idempotent
+        // and leaves it as it was.
+        assert_eq!(&merged, envelope, "a validated state changed by merging it into the bottom");
+    }
 }
 
 proptest! {
@@ -207,4 +211,27 @@ fn a_huge_announced_length_allocates_nothing_large() {
         assert!(decode::<Envelope>(&bytes).is_err());
         assert!(decode::<CausalContext>(&bytes).is_err());
     }
+}
+
+#[test]
+fn a_state_holding_an_unseen_dot_or_an_empty_member_is_malformed() {
+    use calmkv_crdts::{CrdtError, MalformedReason};
+    let unseen: Value =
+        serde_json::from_str(r#"{"store":{"flag":[[5,1]]},"ctx":{"vv":{},"cloud":[]}}"#).unwrap();
+    assert_eq!(
+        unseen.validate(&Limits::default()),
+        Err(CrdtError::Malformed {
+            reason: MalformedReason::UnseenDot { dot: Dot::new(NodeId(5), 1) }
+        })
+    );
+    let empty: Value =
+        serde_json::from_str(r#"{"store":{"set":{"x":[]}},"ctx":{"vv":{},"cloud":[]}}"#).unwrap();
+    assert_eq!(
+        empty.validate(&Limits::default()),
+        Err(CrdtError::Malformed { reason: MalformedReason::EmptyEntry })
+    );
+    let fine: Value =
+        serde_json::from_str(r#"{"store":{"set":{"x":[[5,1]]}},"ctx":{"vv":{},"cloud":[[5,1]]}}"#)
+            .unwrap();
+    assert_eq!(fine.validate(&Limits::default()), Ok(()));
 }

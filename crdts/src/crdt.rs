@@ -116,6 +116,12 @@ pub enum CrdtError {
         /// The bound.
         max: usize,
     },
+    /// A state from outside breaks a rule every state made here keeps.
+    #[error("malformed state: {reason}")]
+    Malformed {
+        /// Which rule.
+        reason: MalformedReason,
+    },
     /// A key's causal context would hold more than `max` entries.
     #[error("the context would have {entries} entries, more than the limit of {max}")]
     ContextTooLarge {
@@ -155,4 +161,18 @@ pub enum CrdtError {
         /// The node whose share would overflow.
         node: NodeId,
     },
+}
+
+/// Which structural rule a state from outside breaks ([`CrdtError::Malformed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedReason {
+    /// The state holds a dot its context has not seen.
+    #[error("it holds dot {dot} that its context has not seen")]
+    UnseenDot {
+        /// The dot.
+        dot: crate::Dot,
+    },
+    /// A set member or map field holds nothing (it would not exist).
+    #[error("a set member or map field holds nothing")]
+    EmptyEntry,
 }

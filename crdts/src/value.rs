@@ -11,7 +11,7 @@
 use crate::dot_store::impl_causal;
 use crate::{
     Causal, CausalContext, CausalCounter, CounterShare, Crdt, CrdtError, Dot, DotFun, DotMap,
-    DotSet, DotStore, Embed, EwFlag, Limits, MvRegister, OrMap, OrSet,
+    DotSet, DotStore, Embed, EwFlag, Limits, MalformedReason, MvRegister, OrMap, OrSet,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -117,6 +117,11 @@ impl ValueStore {
         let counts = [members("set", self.set.0.len()), members("map", self.map.0.len())];
         if let Some(error) = values.chain(names).chain(fields).chain(counts).flatten().next() {
             return Err(error);
+        }
+        let empty_member = self.set.0.values().any(DotStore::is_bottom);
+        let empty_field = self.map.0.values().any(DotStore::is_bottom);
+        if empty_member || empty_field {
+            return Err(CrdtError::Malformed { reason: MalformedReason::EmptyEntry });
         }
         if !self.map.is_bottom() && depth + 1 > limits.depth_max {
             return Err(CrdtError::TooDeep { depth: depth + 1, max: limits.depth_max });
@@ -270,7 +275,13 @@ impl Value {
         {
             return Err(CrdtError::DotsExhausted { node: dot.node });
         }
-        self.inner.store.validate(limits, 0)
+        self.inner.store.validate(limits, 0)?;
+        // A well-formed state has seen every dot it holds, and holds no empty
+        // member or field: states the mutators and merges make always are.
+        if let Some(dot) = self.inner.store.dots().into_iter().find(|dot| !ctx.contains(dot)) {
+            return Err(CrdtError::Malformed { reason: MalformedReason::UnseenDot { dot } });
+        }
+        Ok(())
     }
 
     fn view<E: Embed>(&self, component: impl FnOnce(&ValueStore) -> &E::Store) -> E {
