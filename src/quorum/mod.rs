@@ -48,6 +48,14 @@ pub use types::{Outcome, Proposal, TypeConfig, WireAction};
 /// Most hops a proposal is forwarded (non-voter → voter → leader).
 const FORWARD_HOPS_MAX: u8 = 2;
 
+/// The longest a voter works on a forwarded proposal, whatever the sender
+/// asks: a sender's deadline cannot pin a voter's task for longer.
+const PROPOSE_TIMEOUT_MAX: Duration = Duration::from_secs(60);
+
+/// How much sooner than the caller's deadline the quorum gives up, so that
+/// its answer (rather than the caller's own timer) reaches the caller.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
+
 /// Raft timings.
 #[derive(Clone, Copy, Debug)]
 pub struct Timings {
@@ -157,10 +165,18 @@ impl Handler for Serving {
             Request::InstallSnapshot(rpc) => {
                 Response::InstallSnapshot(self.raft.install_snapshot(rpc).await)
             }
-            Request::Propose { proposal, hops } => match self.group.upgrade() {
-                Some(group) => Response::Propose(group.commit(proposal, hops).await),
-                None => Response::Propose(Err(ProposeFailure::NotApplied("stopping".into()))),
-            },
+            Request::Propose { proposal, hops, timeout_ms } => {
+                let timeout = match timeout_ms {
+                    0 => network::RPC_TIMEOUT,
+                    ms => Duration::from_millis(ms).min(PROPOSE_TIMEOUT_MAX),
+                };
+                match self.group.upgrade() {
+                    Some(group) => Response::Propose(
+                        group.commit(proposal, hops, Instant::now() + timeout).await,
+                    ),
+                    None => Response::Propose(Err(ProposeFailure::NotApplied("stopping".into()))),
+                }
+            }
         }
     }
 }
@@ -291,9 +307,15 @@ impl QuorumGroup {
         &self.metrics
     }
 
-    /// Commits a proposal here (a voter) or forwards it; the outcome, or why
-    /// none could be had.
-    async fn commit(&self, proposal: Proposal, hops: u8) -> Result<Outcome, ProposeFailure> {
+    /// Commits a proposal here (a voter) or forwards it, answering by
+    /// `deadline`: the outcome, or why none could be had, and whether the
+    /// proposal may have been applied regardless.
+    async fn commit(
+        &self,
+        proposal: Proposal,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<Outcome, ProposeFailure> {
         let own_hash = self.node.invariants().hash();
         if proposal.invariants_hash != own_hash {
             return Ok(Outcome::Refused {
@@ -305,32 +327,94 @@ impl QuorumGroup {
             });
         }
         let Some(voter) = &self.voter else {
-            return self.forward(proposal, hops).await;
+            return self.forward(proposal, hops, deadline).await;
         };
-        match voter.raft.client_write(proposal.clone()).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                match (forward.leader_id, forward.leader_node) {
-                    (Some(leader), Some(node)) if leader != voter.id && hops < FORWARD_HOPS_MAX => {
-                        let mut client = Client::new(node.addr, self.secret.clone());
-                        let request = Request::Propose { proposal, hops: hops + 1 };
-                        match client.call(&request, network::RPC_TIMEOUT).await {
-                            Ok(Response::Propose(answer)) => answer,
-                            Ok(_) => Err(ProposeFailure::NotApplied("unexpected answer".into())),
-                            Err(e) => {
-                                Err(ProposeFailure::NotApplied(format!("leader unreachable: {e}")))
-                            }
-                        }
-                    }
-                    _ => Err(ProposeFailure::NotApplied("no leader is known".into())),
+        let mut waited_for_leader = false;
+        loop {
+            let write = voter.raft.client_write(proposal.clone());
+            let forward = match tokio::time::timeout_at(deadline, write).await {
+                // Appended here as leader, not confirmed in time: it may
+                // still commit.
+                Err(_) => {
+                    return Err(ProposeFailure::Unknown(
+                        "the commit was not confirmed by the deadline".into(),
+                    ))
                 }
+                Ok(Ok(response)) => return Ok(response.data),
+                // openraft answers ForwardToLeader before appending (this
+                // voter is not the leader), or for an entry it appended and
+                // then truncated (never committed): not applied either way.
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => forward,
+                Ok(Err(error)) => return Err(ProposeFailure::Unknown(error.to_string())),
+            };
+            match (forward.leader_id, forward.leader_node) {
+                (Some(leader), Some(node)) if leader != voter.id => {
+                    if hops >= FORWARD_HOPS_MAX {
+                        return Err(ProposeFailure::NotApplied("too many forwards".into()));
+                    }
+                    return self.send(node.addr, proposal, hops + 1, deadline).await;
+                }
+                _ if !waited_for_leader => {
+                    // An election is under way: wait for its result, within
+                    // the deadline, then try once more.
+                    waited_for_leader = true;
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let own = voter.id;
+                    let elected = voter
+                        .raft
+                        .wait(Some(remaining))
+                        .metrics(
+                            |m| m.current_leader.is_some_and(|l| l != own || m.state.is_leader()),
+                            "a leader",
+                        )
+                        .await;
+                    if elected.is_err() {
+                        return Err(ProposeFailure::NotApplied("no leader is known".into()));
+                    }
+                }
+                _ => return Err(ProposeFailure::NotApplied("no leader is known".into())),
             }
-            Err(error) => Err(ProposeFailure::Unknown(error.to_string())),
         }
     }
 
-    /// A non-voter's proposal: tried on each voter in turn.
-    async fn forward(&self, proposal: Proposal, hops: u8) -> Result<Outcome, ProposeFailure> {
+    /// Sends a proposal to the quorum member at `addr`, answering by
+    /// `deadline`. A failure before any byte left is "not applied"; after, the
+    /// member may have committed it, so the outcome is unknown.
+    async fn send(
+        &self,
+        addr: String,
+        proposal: Proposal,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<Outcome, ProposeFailure> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(ProposeFailure::NotApplied("the deadline passed before sending".into()));
+        }
+        // The member answers within most of what is left, so that its own
+        // "not applied" reaches this node before the deadline does.
+        let timeout_ms = u64::try_from((remaining * 9 / 10).as_millis()).unwrap_or(u64::MAX).max(1);
+        let request = Request::Propose { proposal, hops, timeout_ms };
+        let mut client = Client::new(addr.clone(), self.secret.clone());
+        match client.call(&request, remaining).await {
+            Ok(Response::Propose(answer)) => answer,
+            Ok(_) => Err(ProposeFailure::Unknown(format!("{addr} answered another request kind"))),
+            Err(error) if !error.sent => {
+                Err(ProposeFailure::NotApplied(format!("{addr} unreachable: {error}")))
+            }
+            Err(error) => Err(ProposeFailure::Unknown(format!("no answer from {addr}: {error}"))),
+        }
+    }
+
+    /// A non-voter's proposal: tried on each voter in turn until one answers;
+    /// a voter that may have received it ends the search (trying another
+    /// could apply it twice).
+    async fn forward(
+        &self,
+        proposal: Proposal,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<Outcome, ProposeFailure> {
         if hops >= FORWARD_HOPS_MAX {
             return Err(ProposeFailure::NotApplied("too many forwards".into()));
         }
@@ -338,16 +422,10 @@ impl QuorumGroup {
         let mut last = ProposeFailure::NotApplied("no voter answered".into());
         for i in 0..self.voters.len() {
             let addr = self.voters[(start + i) % self.voters.len()].clone();
-            let mut client = Client::new(addr, self.secret.clone());
-            let request = Request::Propose { proposal: proposal.clone(), hops: hops + 1 };
-            match client.call(&request, network::RPC_TIMEOUT).await {
-                Ok(Response::Propose(Ok(outcome))) => return Ok(outcome),
-                Ok(Response::Propose(Err(failure @ ProposeFailure::Unknown(_)))) => {
-                    return Err(failure)
-                }
-                Ok(Response::Propose(Err(failure))) => last = failure,
-                Ok(_) => {}
-                Err(e) => last = ProposeFailure::NotApplied(format!("voter unreachable: {e}")),
+            match self.send(addr, proposal.clone(), hops + 1, deadline).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(failure @ ProposeFailure::Unknown(_)) => return Err(failure),
+                Err(failure) => last = failure,
             }
         }
         Err(last)
@@ -382,10 +460,19 @@ impl QuorumGroup {
         };
         let unavailable =
             |reason: String| NodeError::CoordinationUnavailable { key: key.clone(), reason };
-        let answer = match tokio::time::timeout_at(deadline, self.commit(proposal, 0)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(ProposeFailure::Unknown("no commit by the deadline".into())),
+        let now = Instant::now();
+        let inner = if deadline.saturating_duration_since(now) > 2 * DEADLINE_MARGIN {
+            deadline - DEADLINE_MARGIN
+        } else {
+            deadline
         };
+        let answer = match tokio::time::timeout_at(deadline, self.commit(proposal, 0, inner)).await
+        {
+            Ok(answer) => answer,
+            Err(_) => Err(ProposeFailure::Unknown("no answer by the deadline".into())),
+        };
+        let indeterminate =
+            |reason: String| NodeError::CoordinationIndeterminate { key: key.clone(), reason };
         match answer {
             Ok(Outcome::Committed { state, .. }) => {
                 let (merging, k) = (state.clone(), op.key.clone());
@@ -397,12 +484,14 @@ impl QuorumGroup {
                 Ok(Applied { state: state.clone(), delta: state, coordinated: true })
             }
             Ok(Outcome::Refused { code, message }) => Err(Outcome::error(&code, &message, &key)),
-            Ok(Outcome::Nothing) => Err(unavailable("the quorum answered nothing".into())),
+            Ok(Outcome::Nothing) => Err(indeterminate(
+                "the quorum answered no outcome; the operation may or may not be applied".into(),
+            )),
             Err(ProposeFailure::NotApplied(reason)) => {
                 Err(unavailable(format!("no quorum reachable; not applied ({reason})")))
             }
-            Err(ProposeFailure::Unknown(reason)) => Err(unavailable(format!(
-                "the quorum did not confirm by the deadline; the operation may or may not be applied ({reason})"
+            Err(ProposeFailure::Unknown(reason)) => Err(indeterminate(format!(
+                "the quorum did not confirm; the operation may or may not be applied ({reason})"
             ))),
         }
     }

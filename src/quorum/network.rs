@@ -43,6 +43,11 @@ pub enum Request {
         proposal: Proposal,
         /// Forwards so far.
         hops: u8,
+        /// What is left of the proposer's deadline, in milliseconds: the
+        /// receiver answers within it (0, from an older sender: the
+        /// receiver's own bound, [`RPC_TIMEOUT`]).
+        #[serde(default)]
+        timeout_ms: u64,
     },
 }
 
@@ -79,6 +84,19 @@ pub struct NetworkMetrics {
     pub requests_served: AtomicU64,
 }
 
+/// Why an exchange with a quorum member failed, and whether the request may
+/// have reached it.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct CallError {
+    /// `false` when not one byte of the request left this node (the connection
+    /// could not be opened, or the request could not be encoded): the member
+    /// cannot have acted on it. `true` once any byte was handed to the socket.
+    pub sent: bool,
+    /// What failed.
+    pub source: std::io::Error,
+}
+
 /// One connection to one quorum member.
 pub struct Client {
     addr: String,
@@ -92,23 +110,25 @@ impl Client {
         Client { addr, secret, stream: None }
     }
 
-    /// Sends `request` and waits for its response, within `timeout`.
+    /// Sends `request` and waits for its response, within `timeout`. The
+    /// error says whether the request may have reached the member.
     pub async fn call(
         &mut self,
         request: &Request,
         timeout: Duration,
-    ) -> std::io::Result<Response> {
-        let result = tokio::time::timeout(timeout, self.exchange(request)).await;
+    ) -> Result<Response, CallError> {
+        let mut sent = false;
+        let result = tokio::time::timeout(timeout, self.exchange(request, &mut sent)).await;
         let result = result.unwrap_or_else(|_| {
             Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "quorum RPC timed out"))
         });
-        if result.is_err() {
+        result.map_err(|source| {
             self.stream = None;
-        }
-        result
+            CallError { sent, source }
+        })
     }
 
-    async fn exchange(&mut self, request: &Request) -> std::io::Result<Response> {
+    async fn exchange(&mut self, request: &Request, sent: &mut bool) -> std::io::Result<Response> {
         let frame = encode_frame(request, self.secret.as_ref()).map_err(std::io::Error::other)?;
         if self.stream.is_none() {
             let stream = TcpStream::connect(&self.addr).await?;
@@ -116,6 +136,7 @@ impl Client {
             self.stream = Some(stream);
         }
         let stream = self.stream.as_mut().expect("connected above");
+        *sent = true;
         stream.write_all(&frame).await?;
         read_frame(stream, self.secret.as_ref()).await
     }
@@ -205,7 +226,7 @@ type Rpc<T, E = openraft::error::Infallible> =
 impl Network {
     async fn rpc(&mut self, request: Request, option: &RPCOption) -> Result<Response, Unreachable> {
         let timeout = option.hard_ttl().min(RPC_TIMEOUT);
-        self.client.call(&request, timeout).await.map_err(|e| Unreachable::new(&e))
+        self.client.call(&request, timeout).await.map_err(|e| Unreachable::new(&e.source))
     }
 
     fn remote<E: std::error::Error>(
