@@ -96,6 +96,25 @@ pub enum NodeError {
         /// Why the outcome is unknown.
         reason: String,
     },
+    /// An `Idempotency-Key` is empty, too long or not printable ASCII.
+    /// Nothing changed.
+    #[error("bad idempotency key: {reason} (1..={max} bytes of printable ASCII without spaces)")]
+    BadIdempotencyKey {
+        /// What is wrong with it.
+        reason: &'static str,
+        /// The longest key allowed, in bytes.
+        max: usize,
+    },
+    /// The idempotency key was first used for another operation (another data
+    /// key or another action); the quorum answers it only for that one.
+    /// Nothing changed.
+    #[error("{reason}")]
+    IdempotencyKeyReused {
+        /// The data key of the refused operation.
+        key: String,
+        /// Which idempotency key, and what it was first used for.
+        reason: String,
+    },
     /// The configuration cannot work (a zero bound, a value larger than a body).
     /// Nothing was opened.
     #[error("invalid configuration: {reason}")]
@@ -152,6 +171,8 @@ impl NodeError {
     pub fn code(&self) -> &'static str {
         match self {
             NodeError::BadKey { .. } => "bad_key",
+            NodeError::BadIdempotencyKey { .. } => "bad_request",
+            NodeError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
             NodeError::InvalidConfig { .. } => "internal",
             NodeError::BadRequest { .. } => "bad_request",
             NodeError::ValueTooLarge { .. } => "payload_too_large",

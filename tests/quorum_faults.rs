@@ -1,12 +1,15 @@
 //! The quorum under network faults, over real loopback TCP with a proxy in
 //! front of every voter: a lost reply is reported as "may or may not be
 //! applied" (and the operation applied once), a refusal before anything was
-//! sent as "not applied".
+//! sent as "not applied", and a retry under the same idempotency key is
+//! answered with the first outcome.
+
+mod common;
 
 use calmkv::error::AppliedStatus;
 use calmkv::http::ApiError;
 use calmkv::invariants::Invariants;
-use calmkv::quorum::{QuorumConfig, QuorumGroup, Timings};
+use calmkv::quorum::{IdempotencyKey, QuorumConfig, QuorumGroup, Timings};
 use calmkv::store::{Durability, SledStore};
 use calmkv::{Action, Applied, Config, CounterOp, CrdtOp, Key, Node, NodeError, Op};
 use std::path::Path;
@@ -266,4 +269,161 @@ async fn a_proposal_that_never_left_the_node_is_reported_not_applied() {
     assert_eq!(body["error"]["applied"], "no", "{body}");
     let balance = client.node.envelope(&key("account/b")).unwrap().value.counter().value();
     assert_eq!(balance, 5, "nothing changed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_under_the_same_idempotency_key_after_an_unknown_answer_applies_once() {
+    let root = tempfile::tempdir().unwrap();
+    let (proxies, members) = three_behind_proxies(root.path()).await;
+    let leader = leader_of(&members).await;
+    fund(&members, "account/r", 100);
+    let follower = (0..3).find(|i| *i as u64 + 1 != leader).unwrap();
+    let key = IdempotencyKey::new("transfer-0001").unwrap();
+    let debit = || counter("account/r", CounterOp::Decr(10));
+    let within = |d: Duration| Instant::now() + d;
+
+    proxies[(leader - 1) as usize].set(Mode::DropReplies);
+    let first = members[follower]
+        .group
+        .propose_idempotent(debit(), within(Duration::from_millis(1500)), Some(key.clone()))
+        .await;
+    let error = first.expect_err("the reply is lost");
+    assert_eq!(error.applied(), Some(AppliedStatus::Unknown), "{error:?}");
+    admitted_everywhere(&members, "account/r", 90).await;
+
+    // The client retries with the same key, from another node even: the
+    // answer is the first commit, and the balance moved once.
+    proxies[(leader - 1) as usize].set(Mode::Pass);
+    let retry_from = (0..3).find(|i| *i != follower).unwrap();
+    for at in [follower, retry_from] {
+        let retried = members[at]
+            .group
+            .propose_idempotent(debit(), within(DEADLINE), Some(key.clone()))
+            .await
+            .unwrap();
+        assert!(retried.coordinated);
+        assert_eq!(retried.state.value.counter().value(), 90, "the first outcome");
+    }
+    admitted_everywhere(&members, "account/r", 90).await;
+    // Another key is another operation.
+    let other = IdempotencyKey::new("transfer-0002").unwrap();
+    members[follower]
+        .group
+        .propose_idempotent(debit(), within(DEADLINE), Some(other))
+        .await
+        .unwrap();
+    admitted_everywhere(&members, "account/r", 80).await;
+    // The same key for another operation is refused, and changes nothing.
+    let reused = members[follower]
+        .group
+        .propose_idempotent(counter("account/r", CounterOp::Decr(1)), within(DEADLINE), Some(key))
+        .await;
+    assert!(matches!(reused, Err(NodeError::IdempotencyKeyReused { .. })), "{reused:?}");
+    admitted_everywhere(&members, "account/r", 80).await;
+    for member in &members {
+        member.group.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_idempotency_key_is_refused_with_400_and_changes_nothing() {
+    let server = common::TestServer::builder().invariants(BANK).start().await;
+    let funded =
+        common::send(server.post_op("account/h", serde_json::json!({"counter": {"incr": 5}})))
+            .await;
+    assert_eq!(funded.status(), 200);
+    let before = server.store_snapshot();
+    let long = "k".repeat(calmkv::quorum::idempotency::IDEMPOTENCY_KEY_BYTES_MAX + 1);
+    for bad in ["", "has space", long.as_str()] {
+        let request = server
+            .post_op("account/h", serde_json::json!({"counter": {"decr": 1}}))
+            .header("Idempotency-Key", bad);
+        let (status, code) = common::error_of(common::send(request).await).await;
+        assert_eq!((status.as_u16(), code.as_str()), (400, "bad_request"), "{bad:?}");
+    }
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    let request = server.delete("/v1/kv/account/h").header("Idempotency-Key", latin1);
+    let (status, _) = common::error_of(common::send(request).await).await;
+    assert_eq!(status.as_u16(), 400);
+    assert_eq!(server.store_snapshot(), before, "a refused request changes nothing");
+    // A well-formed key is accepted.
+    let request = server
+        .post_op("account/h", serde_json::json!({"counter": {"decr": 1}}))
+        .header("Idempotency-Key", "0123-abcd");
+    assert_eq!(common::send(request).await.status(), 200);
+    server.stop().await;
+}
+
+/// A fake node that answers the first write `503 coordination_unavailable`
+/// (applied: unknown) and the second `200`, recording each request's
+/// `Idempotency-Key`.
+async fn flaky_node() -> (String, JoinHandle<Vec<Option<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut keys = Vec::new();
+        for attempt in 0..2 {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            let head_end = loop {
+                let n = stream.read(&mut buffer).await.unwrap();
+                assert!(n > 0, "the client closed before a whole request");
+                request.extend_from_slice(&buffer[..n]);
+                if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at;
+                }
+            };
+            let head = String::from_utf8_lossy(&request[..head_end]).to_string();
+            let header = |name: &str| {
+                head.lines().find_map(|line| {
+                    let (n, v) = line.split_once(':')?;
+                    n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                })
+            };
+            keys.push(header("idempotency-key"));
+            let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            while request.len() < head_end + 4 + length {
+                let n = stream.read(&mut buffer).await.unwrap();
+                request.extend_from_slice(&buffer[..n]);
+            }
+            let (status, body) = if attempt == 0 {
+                (
+                    "503 Service Unavailable\r\nRetry-After: 0",
+                    r#"{"error":{"code":"coordination_unavailable","message":"m","applied":"unknown"}}"#,
+                )
+            } else {
+                ("200 OK", r#"{"type":"counter","value":9,"context":""}"#)
+            };
+            let answer = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).await.unwrap();
+        }
+        keys
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_an_idempotency_key_and_resends_it_after_coordination_unavailable() {
+    let (url, node) = flaky_node().await;
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_calmkv"))
+            .args(["decr", "account/a", "1", "--url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "9");
+    assert!(stderr.contains("applied: unknown"), "{stderr}");
+    let keys = node.await.unwrap();
+    assert_eq!(keys.len(), 2);
+    let first = keys[0].clone().expect("the first request carries a key");
+    assert!(IdempotencyKey::new(first.as_str()).is_ok(), "{first:?}");
+    assert_eq!(keys[1].as_deref(), Some(first.as_str()), "the retry reuses the key");
 }

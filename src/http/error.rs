@@ -93,7 +93,10 @@ impl ApiError {
 
 fn node_status(error: &NodeError) -> StatusCode {
     match error {
-        NodeError::BadKey { .. } | NodeError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        NodeError::BadKey { .. }
+        | NodeError::BadRequest { .. }
+        | NodeError::BadIdempotencyKey { .. } => StatusCode::BAD_REQUEST,
+        NodeError::IdempotencyKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         NodeError::ValueTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         NodeError::TypeMismatch { .. }
         | NodeError::TooManySiblings { .. }

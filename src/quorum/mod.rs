@@ -18,6 +18,7 @@
 //! also has every increment it was counted against, and the rule holds on every
 //! replica at every moment.
 
+pub mod idempotency;
 pub mod network;
 pub mod store;
 pub mod types;
@@ -28,6 +29,7 @@ use crate::replication::cluster::Coordinator;
 use crate::replication::frame::ClusterSecret;
 use crate::store::Store;
 use crate::{Applied, Node, NodeError, Op};
+pub use idempotency::IdempotencyKey;
 use network::{Client, Factory, Handler, NetworkMetrics, ProposeFailure, Request, Response};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::storage::Adaptor;
@@ -43,7 +45,7 @@ use store::{OnCommit, QuorumStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-pub use types::{Outcome, Proposal, TypeConfig, WireAction};
+pub use types::{Command, Outcome, Proposal, TypeConfig, WireAction};
 
 /// Most hops a proposal is forwarded (non-voter → voter → leader).
 const FORWARD_HOPS_MAX: u8 = 2;
@@ -312,26 +314,26 @@ impl QuorumGroup {
     /// proposal may have been applied regardless.
     async fn commit(
         &self,
-        proposal: Proposal,
+        command: Command,
         hops: u8,
         deadline: Instant,
     ) -> Result<Outcome, ProposeFailure> {
         let own_hash = self.node.invariants().hash();
-        if proposal.invariants_hash != own_hash {
+        if command.proposal.invariants_hash != own_hash {
             return Ok(Outcome::Refused {
                 code: "coordination_unavailable".into(),
                 message: format!(
                     "the proposing node's invariant declarations (hash {:016x}) differ from this voter's ({own_hash:016x})",
-                    proposal.invariants_hash
+                    command.proposal.invariants_hash
                 ),
             });
         }
         let Some(voter) = &self.voter else {
-            return self.forward(proposal, hops, deadline).await;
+            return self.forward(command, hops, deadline).await;
         };
         let mut waited_for_leader = false;
         loop {
-            let write = voter.raft.client_write(proposal.clone());
+            let write = voter.raft.client_write(command.clone());
             let forward = match tokio::time::timeout_at(deadline, write).await {
                 // Appended here as leader, not confirmed in time: it may
                 // still commit.
@@ -352,7 +354,7 @@ impl QuorumGroup {
                     if hops >= FORWARD_HOPS_MAX {
                         return Err(ProposeFailure::NotApplied("too many forwards".into()));
                     }
-                    return self.send(node.addr, proposal, hops + 1, deadline).await;
+                    return self.send(node.addr, command, hops + 1, deadline).await;
                 }
                 _ if !waited_for_leader => {
                     // An election is under way: wait for its result, within
@@ -383,7 +385,7 @@ impl QuorumGroup {
     async fn send(
         &self,
         addr: String,
-        proposal: Proposal,
+        proposal: Command,
         hops: u8,
         deadline: Instant,
     ) -> Result<Outcome, ProposeFailure> {
@@ -406,12 +408,13 @@ impl QuorumGroup {
         }
     }
 
-    /// A non-voter's proposal: tried on each voter in turn until one answers;
-    /// a voter that may have received it ends the search (trying another
-    /// could apply it twice).
+    /// A non-voter's proposal: tried on each voter in turn until one answers.
+    /// Without an idempotency key, a voter that may have received it ends the
+    /// search (trying another could apply it twice); with one, the next voter
+    /// is tried, since the quorum answers a repeat with the first outcome.
     async fn forward(
         &self,
-        proposal: Proposal,
+        command: Command,
         hops: u8,
         deadline: Instant,
     ) -> Result<Outcome, ProposeFailure> {
@@ -422,10 +425,18 @@ impl QuorumGroup {
         let mut last = ProposeFailure::NotApplied("no voter answered".into());
         for i in 0..self.voters.len() {
             let addr = self.voters[(start + i) % self.voters.len()].clone();
-            match self.send(addr, proposal.clone(), hops + 1, deadline).await {
+            match self.send(addr, command.clone(), hops + 1, deadline).await {
                 Ok(outcome) => return Ok(outcome),
-                Err(failure @ ProposeFailure::Unknown(_)) => return Err(failure),
-                Err(failure) => last = failure,
+                Err(failure @ ProposeFailure::Unknown(_)) => {
+                    if command.idempotency_key.is_none() {
+                        return Err(failure);
+                    }
+                    last = failure;
+                }
+                // Once an attempt may have been applied, the answer stays
+                // "unknown" whatever the later attempts say.
+                Err(failure) if matches!(last, ProposeFailure::NotApplied(_)) => last = failure,
+                Err(_) => {}
             }
         }
         Err(last)
@@ -433,6 +444,18 @@ impl QuorumGroup {
 
     /// Proposes `op`, which a declared invariant routes here, by `deadline`.
     pub async fn propose(&self, op: Op, deadline: Instant) -> Result<Applied, NodeError> {
+        self.propose_idempotent(op, deadline, None).await
+    }
+
+    /// [`QuorumGroup::propose`] under a client's idempotency key: a repeat of
+    /// the same operation with the same key, within the window, is answered
+    /// with the first outcome and applied once.
+    pub async fn propose_idempotent(
+        &self,
+        op: Op,
+        deadline: Instant,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<Applied, NodeError> {
         let key = op.key.to_string();
         let node = self.node.clone();
         let invariants = node.invariants().clone();
@@ -466,8 +489,9 @@ impl QuorumGroup {
         } else {
             deadline
         };
-        let answer = match tokio::time::timeout_at(deadline, self.commit(proposal, 0, inner)).await
-        {
+        let command =
+            Command { proposal, idempotency_key: idempotency_key.map(|k| k.as_str().to_string()) };
+        let answer = match tokio::time::timeout_at(deadline, self.commit(command, 0, inner)).await {
             Ok(answer) => answer,
             Err(_) => Err(ProposeFailure::Unknown("no answer by the deadline".into())),
         };
@@ -596,6 +620,15 @@ impl Coordinator for QuorumGroup {
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
         Box::pin(QuorumGroup::propose(self, op, deadline))
+    }
+
+    fn propose_idempotent(
+        &self,
+        op: Op,
+        deadline: Instant,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
+        Box::pin(QuorumGroup::propose_idempotent(self, op, deadline, idempotency_key))
     }
 
     fn status(&self) -> serde_json::Value {

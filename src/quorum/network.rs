@@ -7,7 +7,7 @@
 //! reconnects after an error. A frame that fails to decode or authenticate
 //! closes its connection and is counted; the listener keeps serving.
 
-use super::types::{Outcome, Proposal, TypeConfig};
+use super::types::{Command, Outcome, TypeConfig};
 use crate::replication::frame::{decode_frame, encode_frame, frame_len, ClusterSecret};
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -39,8 +39,8 @@ pub enum Request {
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
     /// A proposal to commit; `hops` counts forwards so far.
     Propose {
-        /// The proposal.
-        proposal: Proposal,
+        /// The proposal, with its idempotency key.
+        proposal: Command,
         /// Forwards so far.
         hops: u8,
         /// What is left of the proposer's deadline, in milliseconds: the

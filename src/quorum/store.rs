@@ -15,7 +15,8 @@
 // the helpers here return it as they do.
 #![allow(clippy::result_large_err)]
 
-use super::types::{Outcome, Proposal, TypeConfig};
+use super::idempotency::{fingerprint_of, IdempotencyKey, IdempotencyWindow, Remembered, Seen};
+use super::types::{Command, Outcome, Proposal, TypeConfig};
 use crate::envelope::Envelope;
 use crate::invariants::{as_creation, Invariants, OpKind, Route};
 use crate::store::{Batch, Store, StoreError};
@@ -59,12 +60,56 @@ pub struct StateMachine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     keys: BTreeMap<String, Envelope>,
+    /// Recent idempotency keys and their first outcomes (absent from a
+    /// snapshot written before keys existed: empty).
+    #[serde(default)]
+    idempotency: IdempotencyWindow,
 }
 
 impl StateMachine {
     /// The joined state of `key` as the quorum admitted it.
     pub fn key(&self, key: &str) -> Option<&Envelope> {
         self.keys.get(key)
+    }
+
+    /// The window of recent idempotency keys.
+    pub fn idempotency(&self) -> &IdempotencyWindow {
+        &self.idempotency
+    }
+
+    /// Applies one command: a retry of a keyed operation within the window is
+    /// answered with its first outcome and changes nothing; anything else is
+    /// [`StateMachine::decide`]d, and a keyed outcome remembered.
+    pub fn apply_command(&mut self, command: &Command, limits: &Limits) -> Outcome {
+        let Some(raw) = &command.idempotency_key else {
+            return self.decide(&command.proposal, limits);
+        };
+        let id = match IdempotencyKey::new(raw.as_str()) {
+            Ok(id) => id,
+            Err(error) => return Outcome::refused(&error),
+        };
+        let proposal = &command.proposal;
+        let fingerprint = fingerprint_of(proposal);
+        match self.idempotency.check(&id, &proposal.key, fingerprint) {
+            Seen::Repeat(Remembered::Committed) => Outcome::Committed {
+                key: proposal.key.clone(),
+                state: self.keys.get(&proposal.key).cloned().unwrap_or_default(),
+            },
+            Seen::Repeat(Remembered::Refused { code, message }) => {
+                Outcome::Refused { code, message }
+            }
+            Seen::Reused(reason) => Outcome::refused(&NodeError::IdempotencyKeyReused {
+                key: proposal.key.clone(),
+                reason,
+            }),
+            Seen::New => {
+                let outcome = self.decide(proposal, limits);
+                if let Some(remembered) = Remembered::of(&outcome) {
+                    self.idempotency.remember(&id, &proposal.key, fingerprint, remembered);
+                }
+                outcome
+            }
+        }
     }
 
     /// Decides one proposal: joins the proposer's observation with what the
@@ -337,7 +382,7 @@ impl RaftStorage<TypeConfig> for QuorumStore {
                             StoredMembership::new(Some(entry.log_id), membership.clone());
                         Outcome::Nothing
                     }
-                    EntryPayload::Normal(proposal) => sm.decide(proposal, &self.inner.limits),
+                    EntryPayload::Normal(command) => sm.apply_command(command, &self.inner.limits),
                 };
                 if let Outcome::Committed { key, state } = &outcome {
                     committed.push((key.clone(), state.clone()));
@@ -393,4 +438,143 @@ impl RaftStorage<TypeConfig> for QuorumStore {
 /// Maps a store error for callers outside openraft.
 pub fn store_error(error: Error) -> NodeError {
     NodeError::CoordinationUnavailable { key: String::new(), reason: error.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::idempotency::{IdempotencyKey, IDEMPOTENCY_WINDOW_ENTRIES};
+    use super::super::types::{Command, Outcome, Proposal, WireAction};
+    use super::*;
+    use crate::op::{CounterOp, CrdtOp};
+
+    const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n";
+
+    fn invariants() -> Invariants {
+        Invariants::parse(BANK).unwrap()
+    }
+
+    /// A proposal of `op` on `key` by a node that observed `observed`.
+    fn proposal(key: &str, op: CounterOp, observed: Envelope) -> Proposal {
+        let invariants = invariants();
+        let action = crate::op::Action::Crdt(CrdtOp::Counter(op));
+        let op = crate::Op { key: crate::Key::new(key, &Limits::default()).unwrap(), action };
+        let declaration = match invariants.route(&op).unwrap() {
+            Route::Quorum { declaration, .. } => declaration.clone(),
+            Route::Local => panic!("{op:?} is local"),
+        };
+        Proposal {
+            key: key.to_string(),
+            action: WireAction::from(&op.action),
+            observed,
+            declaration,
+            invariants_hash: invariants.hash(),
+            now: Default::default(),
+        }
+    }
+
+    /// A state holding `n` increments by some node.
+    fn funded(key: &str, n: u64) -> Envelope {
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let action = crate::op::Action::Crdt(CrdtOp::Counter(CounterOp::Incr(n)));
+        let op = crate::Op { key: crate::Key::new(key, &Limits::default()).unwrap(), action };
+        node.apply(&op).unwrap().state
+    }
+
+    fn keyed(proposal: Proposal, key: &str) -> Command {
+        Command { proposal, idempotency_key: Some(key.to_string()) }
+    }
+
+    fn value(sm: &StateMachine, key: &str) -> i128 {
+        sm.key(key).map(|s| s.value.counter().value()).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_is_answered_with_the_first_outcome_and_applied_once() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let observed = funded("account/a", 10);
+        let first = keyed(proposal("account/a", CounterOp::Decr(3), observed.clone()), "k1");
+        assert!(matches!(sm.apply_command(&first, &limits), Outcome::Committed { .. }));
+        assert_eq!(value(&sm, "account/a"), 7);
+        // A retry, even from a node with another observation: the same answer.
+        let retry = keyed(proposal("account/a", CounterOp::Decr(3), Envelope::default()), "k1");
+        let Outcome::Committed { state, .. } = sm.apply_command(&retry, &limits) else {
+            panic!("a retry of a commit is a commit")
+        };
+        assert_eq!(state.value.counter().value(), 7);
+        assert_eq!(value(&sm, "account/a"), 7, "applied once");
+
+        // A refusal is remembered as a refusal, even once the funds would allow it.
+        let refused = keyed(proposal("account/a", CounterOp::Decr(8), observed.clone()), "k2");
+        let first_answer = sm.apply_command(&refused, &limits);
+        assert!(
+            matches!(&first_answer, Outcome::Refused { code, .. } if code == "invariant_violation")
+        );
+        let richer = observed.merged(&funded("account/a", 100));
+        let again = keyed(proposal("account/a", CounterOp::Decr(8), richer), "k2");
+        assert_eq!(sm.apply_command(&again, &limits), first_answer);
+        assert_eq!(value(&sm, "account/a"), 7);
+
+        // The same key for another operation is refused, and changes nothing.
+        let other = keyed(proposal("account/a", CounterOp::Decr(1), observed), "k1");
+        let answer = sm.apply_command(&other, &limits);
+        assert!(
+            matches!(&answer, Outcome::Refused { code, .. } if code == "idempotency_key_reused"),
+            "{answer:?}"
+        );
+        assert_eq!(value(&sm, "account/a"), 7);
+        // A malformed key in an entry is a typed refusal too.
+        let bad = keyed(proposal("account/a", CounterOp::Decr(1), Envelope::default()), "a b");
+        assert!(
+            matches!(sm.apply_command(&bad, &limits), Outcome::Refused { code, .. } if code == "bad_request")
+        );
+    }
+
+    #[test]
+    fn the_window_survives_a_snapshot() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let command = keyed(proposal("account/s", CounterOp::Decr(2), funded("account/s", 5)), "s");
+        sm.apply_command(&command, &limits);
+        let bytes = rmp_serde::to_vec_named(&sm).unwrap();
+        let mut restored: StateMachine = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(restored.idempotency(), sm.idempotency());
+        restored.apply_command(&command, &limits);
+        assert_eq!(value(&restored, "account/s"), 3, "the restored window still knows the key");
+    }
+
+    #[test]
+    fn the_window_is_bounded_and_forgets_the_oldest_key_first() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let observed = funded("account/w", u64::from(u32::MAX));
+        let decr = |id: usize| {
+            keyed(proposal("account/w", CounterOp::Decr(1), observed.clone()), &format!("w{id}"))
+        };
+        for id in 0..=IDEMPOTENCY_WINDOW_ENTRIES {
+            assert!(matches!(sm.apply_command(&decr(id), &limits), Outcome::Committed { .. }));
+        }
+        assert_eq!(sm.idempotency().len(), IDEMPOTENCY_WINDOW_ENTRIES);
+        let applied = value(&sm, "account/w");
+        // The newest key is remembered: a retry changes nothing.
+        sm.apply_command(&decr(IDEMPOTENCY_WINDOW_ENTRIES), &limits);
+        assert_eq!(value(&sm, "account/w"), applied);
+        // The oldest was forgotten: its retry applies again.
+        sm.apply_command(&decr(0), &limits);
+        assert_eq!(value(&sm, "account/w"), applied - 1);
+        assert_eq!(sm.idempotency().len(), IDEMPOTENCY_WINDOW_ENTRIES);
+        assert!(IdempotencyKey::new("w0").is_ok());
+    }
+
+    #[test]
+    fn an_entry_written_as_a_bare_proposal_decodes_as_a_command_without_a_key() {
+        let bare = proposal("account/b", CounterOp::Decr(1), funded("account/b", 1));
+        let bytes = rmp_serde::to_vec_named(&bare).unwrap();
+        let command: Command = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(command, Command { proposal: bare.clone(), idempotency_key: None });
+        let keyed = keyed(bare, "k");
+        let round: Command =
+            rmp_serde::from_slice(&rmp_serde::to_vec_named(&keyed).unwrap()).unwrap();
+        assert_eq!(round, keyed);
+    }
 }
