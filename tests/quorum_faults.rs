@@ -40,6 +40,7 @@ enum Mode {
 /// new and open connections.
 struct Proxy {
     addr: String,
+    upstream: String,
     mode: Arc<AtomicU8>,
     task: JoinHandle<()>,
 }
@@ -50,7 +51,7 @@ impl Proxy {
         let addr = listener.local_addr().unwrap().to_string();
         let mode = Arc::new(AtomicU8::new(Mode::Pass as u8));
         let task = tokio::spawn({
-            let mode = mode.clone();
+            let (mode, upstream) = (mode.clone(), upstream.clone());
             async move {
                 loop {
                     let Ok((inbound, _)) = listener.accept().await else { continue };
@@ -65,7 +66,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, mode, task }
+        Proxy { addr, upstream, mode, task }
     }
 
     fn set(&self, mode: Mode) {
@@ -149,13 +150,20 @@ async fn three_behind_proxies(root: &Path) -> (Vec<Proxy>, Vec<Member>) {
         proxies.push(Proxy::start(listener.local_addr().unwrap().to_string()).await);
         listeners.push(listener);
     }
+    let members = start_behind(&proxies, listeners, root).await;
+    (proxies, members)
+}
+
+/// Starts the three voters behind `proxies` on `listeners` (one each, the
+/// proxies' upstreams), with their data in `root`.
+async fn start_behind(proxies: &[Proxy], listeners: Vec<TcpListener>, root: &Path) -> Vec<Member> {
     let voters: Vec<String> = proxies.iter().map(|p| p.addr.clone()).collect();
     let mut members = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let listen = Some((voters[i].clone(), listener));
         members.push(start(&voters, listen, &root.join(format!("v{i}"))).await);
     }
-    (proxies, members)
+    members
 }
 
 /// The leader every member agrees on.
@@ -426,4 +434,117 @@ async fn the_cli_sends_an_idempotency_key_and_resends_it_after_coordination_unav
     let first = keys[0].clone().expect("the first request carries a key");
     assert!(IdempotencyKey::new(first.as_str()).is_ok(), "{first:?}");
     assert_eq!(keys[1].as_deref(), Some(first.as_str()), "the retry reuses the key");
+}
+
+/// Applies `op` as the HTTP API would: through the quorum when a declared
+/// invariant routes it there, locally otherwise.
+async fn write(member: &Member, op: Op) -> Result<Applied, NodeError> {
+    match member.node.invariants().route(&op)? {
+        calmkv::invariants::Route::Quorum { .. } => {
+            member.group.propose(op, Instant::now() + DEADLINE).await
+        }
+        calmkv::invariants::Route::Local => member.node.apply(&op),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_naming_the_quorum_actor_cannot_kill_the_quorum_and_the_voters_restart() {
+    use calmkv_crdts::{CausalContext, Dot};
+    let root = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        proxies.push(Proxy::start(listener.local_addr().unwrap().to_string()).await);
+        listeners.push(listener);
+    }
+    let members = start_behind(&proxies, listeners, root.path()).await;
+    leader_of(&members).await;
+    fund(&members, "account/alice", 10);
+    fund(&members, "account/bob", 10);
+
+    // DELETE with an X-Context naming the quorum's actor at its last dot.
+    let forged = CausalContext::from_dots([Dot {
+        node: calmkv::quorum::store::QUORUM_ACTOR,
+        counter: u64::MAX,
+    }]);
+    let delete = Op { key: key("account/alice"), action: Action::Delete { context: Some(forged) } };
+    // A coordinated delete: the quorum refuses the forged context, typed.
+    let deleted = write(&members[0], delete.clone()).await;
+    assert!(matches!(deleted, Err(NodeError::LimitExceeded { .. })), "{deleted:?}");
+    // A replica that holds such a state anyway (applied locally, or merged
+    // from a peer): a decrement proposed with it is a typed refusal too, not
+    // a dead quorum.
+    members[0].node.apply(&delete).unwrap();
+    let refused = decr(&members[0], "account/alice", 1, DEADLINE).await;
+    assert!(matches!(refused, Err(NodeError::LimitExceeded { .. })), "{refused:?}");
+    // And the quorum goes on with the other keys.
+    decr(&members[1], "account/bob", 1, DEADLINE).await.unwrap();
+    admitted_everywhere(&members, "account/bob", 9).await;
+
+    // Every voter restarts from its log (the poisoned entries replay as
+    // refusals) and the group works again.
+    for member in &members {
+        member.group.shutdown().await;
+    }
+    drop(members);
+    let mut listeners = Vec::new();
+    for proxy in &proxies {
+        listeners.push(TcpListener::bind(&proxy.upstream).await.unwrap());
+    }
+    let members = start_behind(&proxies, listeners, root.path()).await;
+    leader_of(&members).await;
+    admitted_everywhere(&members, "account/bob", 9).await;
+    // The replayed log gave each fresh replica the committed state again.
+    decr(&members[2], "account/bob", 9, DEADLINE).await.unwrap();
+    let refused = decr(&members[2], "account/bob", 1, DEADLINE).await;
+    assert!(matches!(refused, Err(NodeError::InvariantViolation { .. })), "{refused:?}");
+    fund(&members, "account/bob", 5);
+    decr(&members[2], "account/bob", 1, DEADLINE).await.unwrap();
+    admitted_everywhere(&members, "account/bob", 4).await;
+    for member in &members {
+        member.group.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_messages_with_an_absurd_term_are_refused_before_raft_sees_them() {
+    use calmkv::quorum::network::{Request, Response, TERM_MAX};
+    use calmkv::replication::frame::{decode_frame, encode_frame};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    let root = tempfile::tempdir().unwrap();
+    let (proxies, members) = three_behind_proxies(root.path()).await;
+    let leader = leader_of(&members).await;
+    let terms: Vec<Option<u64>> = members.iter().map(|m| m.group.status().term).collect();
+    let absurd = openraft::Vote::new(TERM_MAX + 1, 9);
+    let requests = [
+        Request::Vote(VoteRequest { vote: absurd, last_log_id: None }),
+        Request::AppendEntries(AppendEntriesRequest {
+            vote: openraft::Vote::new_committed(u64::MAX, 9),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        }),
+    ];
+    for (i, member) in members.iter().enumerate() {
+        for request in &requests {
+            let mut stream = TcpStream::connect(&proxies[i].upstream).await.unwrap();
+            stream.write_all(&encode_frame(request, None).unwrap()).await.unwrap();
+            let mut prefix = [0u8; 4];
+            stream.read_exact(&mut prefix).await.unwrap();
+            let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+            stream.read_exact(&mut body).await.unwrap();
+            let response: Response = decode_frame(&body, None).unwrap();
+            assert!(matches!(response, Response::Refused { .. }), "{response:?}");
+        }
+        assert_eq!(member.group.metrics().terms_refused.load(Ordering::Relaxed), 2);
+    }
+    assert_eq!(leader_of(&members).await, leader, "the leader is unmoved");
+    let after: Vec<Option<u64>> = members.iter().map(|m| m.group.status().term).collect();
+    assert_eq!(after, terms, "no voter's term moved");
+    fund(&members, "account/t", 1);
+    decr(&members[0], "account/t", 1, DEADLINE).await.unwrap();
+    for member in &members {
+        member.group.shutdown().await;
+    }
 }

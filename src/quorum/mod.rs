@@ -155,10 +155,29 @@ pub struct QuorumGroup {
 struct Serving {
     raft: Raft<TypeConfig>,
     group: std::sync::Weak<QuorumGroup>,
+    metrics: Arc<NetworkMetrics>,
+}
+
+impl Serving {
+    /// The request's Raft vote, when it has one.
+    fn vote_of(request: &Request) -> Option<&openraft::Vote<u64>> {
+        match request {
+            Request::AppendEntries(rpc) => Some(&rpc.vote),
+            Request::Vote(rpc) => Some(&rpc.vote),
+            Request::InstallSnapshot(rpc) => Some(&rpc.vote),
+            Request::Propose { .. } => None,
+        }
+    }
 }
 
 impl Handler for Serving {
     async fn handle(&self, request: Request) -> Response {
+        if Self::vote_of(&request).is_some_and(|vote| !network::term_ok(vote)) {
+            self.metrics.terms_refused.fetch_add(1, Ordering::Relaxed);
+            return Response::Refused {
+                reason: format!("a term past the bound of {}", network::TERM_MAX),
+            };
+        }
         match request {
             Request::AppendEntries(rpc) => {
                 Response::AppendEntries(self.raft.append_entries(rpc).await)
@@ -261,7 +280,7 @@ impl QuorumGroup {
         let quorum_store = QuorumStore::open(store, node.limits().clone(), Some(on_commit))
             .map_err(|e| QuorumError::Start(e.to_string()))?;
         let (log_store, state_machine) = Adaptor::new(quorum_store.clone());
-        let factory = Factory { secret: config.secret.clone() };
+        let factory = Factory { secret: config.secret.clone(), metrics: metrics.clone() };
         let raft = Raft::new(id, Arc::new(raft_config), factory, log_store, state_machine)
             .await
             .map_err(|e| QuorumError::Start(e.to_string()))?;
@@ -273,7 +292,11 @@ impl QuorumGroup {
         };
         let voters = config.voters.clone();
         let group = Arc::new_cyclic(|weak: &std::sync::Weak<QuorumGroup>| {
-            let serving = Arc::new(Serving { raft: raft.clone(), group: weak.clone() });
+            let serving = Arc::new(Serving {
+                raft: raft.clone(),
+                group: weak.clone(),
+                metrics: metrics.clone(),
+            });
             let task = tokio::spawn(network::serve(
                 listener,
                 serving,
@@ -400,6 +423,10 @@ impl QuorumGroup {
         let mut client = Client::new(addr.clone(), self.secret.clone());
         match client.call(&request, remaining).await {
             Ok(Response::Propose(answer)) => answer,
+            // Refused unread: nothing was done.
+            Ok(Response::Refused { reason }) => {
+                Err(ProposeFailure::NotApplied(format!("{addr} refused the request: {reason}")))
+            }
             Ok(_) => Err(ProposeFailure::Unknown(format!("{addr} answered another request kind"))),
             Err(error) if !error.sent => {
                 Err(ProposeFailure::NotApplied(format!("{addr} unreachable: {error}")))

@@ -23,6 +23,18 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Highest Raft term accepted from the network, in a request or a response.
+/// Terms grow by one per election, so no real group gets near it (2^48
+/// elections at one a millisecond take 8,900 years); a vote or heartbeat that
+/// claims more is refused before openraft sees it, so no message can push a
+/// voter's term to overflow.
+pub const TERM_MAX: u64 = 1 << 48;
+
+/// Whether a vote's term is within [`TERM_MAX`].
+pub fn term_ok(vote: &openraft::Vote<u64>) -> bool {
+    vote.leader_id().term <= TERM_MAX
+}
+
 /// How long an RPC may take when openraft gives no deadline.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -73,6 +85,12 @@ pub enum Response {
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// To [`Request::Propose`].
     Propose(Result<Outcome, ProposeFailure>),
+    /// The request was refused unread by Raft (a term past [`TERM_MAX`]):
+    /// nothing was done.
+    Refused {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Counters of the quorum's transport.
@@ -82,6 +100,8 @@ pub struct NetworkMetrics {
     pub frames_refused: AtomicU64,
     /// Requests served.
     pub requests_served: AtomicU64,
+    /// Raft requests or responses refused for a term past [`TERM_MAX`].
+    pub terms_refused: AtomicU64,
 }
 
 /// Why an exchange with a quorum member failed, and whether the request may
@@ -204,19 +224,26 @@ pub async fn serve<H: Handler>(
 pub struct Factory {
     /// The cluster secret.
     pub secret: Option<ClusterSecret>,
+    /// Where responses refused for their term are counted.
+    pub metrics: Arc<NetworkMetrics>,
 }
 
 /// openraft's client of one voter.
 pub struct Network {
     target: u64,
     client: Client,
+    metrics: Arc<NetworkMetrics>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Factory {
     type Network = Network;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Network {
-        Network { target, client: Client::new(node.addr.clone(), self.secret.clone()) }
+        Network {
+            target,
+            client: Client::new(node.addr.clone(), self.secret.clone()),
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
@@ -241,16 +268,41 @@ fn unexpected<E: std::error::Error>() -> RPCError<u64, BasicNode, RaftError<u64,
     RPCError::Unreachable(Unreachable::new(&std::io::Error::other("unexpected response kind")))
 }
 
+impl Network {
+    /// A response whose vote claims a term past [`TERM_MAX`] is treated as
+    /// no response: openraft never adopts such a term. (The error type is
+    /// openraft's, as the trait methods return it.)
+    #[allow(clippy::result_large_err)]
+    fn checked<T, E: std::error::Error>(
+        &self,
+        answer: Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>,
+        vote: impl Fn(&T) -> Option<openraft::Vote<u64>>,
+    ) -> Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>> {
+        match &answer {
+            Ok(response) if vote(response).is_some_and(|v| !term_ok(&v)) => {
+                self.metrics.terms_refused.fetch_add(1, Ordering::Relaxed);
+                let error = std::io::Error::other("the response claims a term past the bound");
+                Err(RPCError::Unreachable(Unreachable::new(&error)))
+            }
+            _ => answer,
+        }
+    }
+}
+
 impl RaftNetwork<TypeConfig> for Network {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<AppendEntriesResponse<u64>> {
-        match self.rpc(Request::AppendEntries(rpc), &option).await? {
+        let answer = match self.rpc(Request::AppendEntries(rpc), &option).await? {
             Response::AppendEntries(answer) => answer.map_err(|e| self.remote(e)),
             _ => Err(unexpected()),
-        }
+        };
+        self.checked(answer, |response| match response {
+            AppendEntriesResponse::HigherVote(vote) => Some(*vote),
+            _ => None,
+        })
     }
 
     async fn install_snapshot(
@@ -258,16 +310,18 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<u64>, InstallSnapshotError> {
-        match self.rpc(Request::InstallSnapshot(rpc), &option).await? {
+        let answer = match self.rpc(Request::InstallSnapshot(rpc), &option).await? {
             Response::InstallSnapshot(answer) => answer.map_err(|e| self.remote(e)),
             _ => Err(unexpected()),
-        }
+        };
+        self.checked(answer, |response| Some(response.vote))
     }
 
     async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Rpc<VoteResponse<u64>> {
-        match self.rpc(Request::Vote(rpc), &option).await? {
+        let answer = match self.rpc(Request::Vote(rpc), &option).await? {
             Response::Vote(answer) => answer.map_err(|e| self.remote(e)),
             _ => Err(unexpected()),
-        }
+        };
+        self.checked(answer, |response| Some(response.vote))
     }
 }

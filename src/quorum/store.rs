@@ -115,30 +115,66 @@ impl StateMachine {
     /// Decides one proposal: joins the proposer's observation with what the
     /// quorum admitted before, runs the operation as [`QUORUM_ACTOR`], and
     /// admits it only if the declared rule holds on the result. Deterministic:
-    /// a function of the log alone.
+    /// a function of the log alone. Total: whatever the entry holds, the
+    /// answer is an outcome, never a panic — an entry that cannot apply is
+    /// refused (and changes nothing), so no voter fails on it, now or when it
+    /// replays its log after a restart.
     pub fn decide(&mut self, proposal: &Proposal, limits: &Limits) -> Outcome {
-        let op = match proposal.op(limits) {
-            Ok(op) => op,
-            Err(error) => return Outcome::refused(&error),
-        };
-        let joined = self.keys.get(&proposal.key).cloned().unwrap_or_default();
-        let before = joined.merged(&proposal.observed);
-        let mut after = before.clone();
-        let kinds = OpKind::of(&op, proposal.declaration.rule.key_type()).unwrap_or_default();
-        let route = Route::Quorum { declaration: &proposal.declaration, kinds: kinds.clone() };
-        let op = as_creation(&op, &route);
-        let decided = crate::node::execute(&mut after, &op, QUORUM_ACTOR, proposal.now, limits)
-            .and_then(|_| {
-                Invariants::admit(&proposal.declaration, &kinds, &proposal.key, &before, &after)
-            });
+        let joined = self.keys.get(&proposal.key);
+        // The last guard: a decision that panics (a bug on some input no test
+        // found) is a refusal, not a dead quorum. `joined` is only read.
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decision(joined, proposal, limits)
+        }));
         match decided {
-            Ok(()) => {
+            Ok(Ok(after)) => {
                 self.keys.insert(proposal.key.clone(), after.clone());
                 Outcome::Committed { key: proposal.key.clone(), state: after }
             }
-            Err(error) => Outcome::refused(&error),
+            Ok(Err(error)) => Outcome::refused(&error),
+            Err(_) => Outcome::refused(&NodeError::BadRequest {
+                reason: "the quorum cannot apply this operation to the key's state".into(),
+            }),
         }
     }
+}
+
+/// Highest dot of [`QUORUM_ACTOR`] a state or a context may claim before the
+/// quorum refuses to act on it. The quorum mints a few dots per admitted entry
+/// (one per added member at most), so its real count stays far below 2^62;
+/// a claim above comes from a forged context, and minting past it could
+/// exhaust the actor's dots.
+pub const QUORUM_ACTOR_DOTS_MAX: u64 = 1 << 62;
+
+/// The state a proposal leaves, or why it is refused.
+fn decision(
+    joined: Option<&Envelope>,
+    proposal: &Proposal,
+    limits: &Limits,
+) -> Result<Envelope, NodeError> {
+    let op = proposal.op(limits)?;
+    let before = joined.cloned().unwrap_or_default().merged(&proposal.observed);
+    let claimed = match &op.action {
+        crate::Action::Put { context: Some(seen), .. }
+        | crate::Action::Delete { context: Some(seen) } => seen.highest(QUORUM_ACTOR),
+        _ => 0,
+    };
+    let highest = before.value.context().highest(QUORUM_ACTOR).max(claimed);
+    if highest > QUORUM_ACTOR_DOTS_MAX {
+        return Err(NodeError::LimitExceeded {
+            key: proposal.key.clone(),
+            what: format!(
+                "the key's causal context claims dot {highest} of the quorum's own actor, which the quorum never minted (at most {QUORUM_ACTOR_DOTS_MAX}); the quorum refuses to act on it"
+            ),
+        });
+    }
+    let mut after = before.clone();
+    let kinds = OpKind::of(&op, proposal.declaration.rule.key_type()).unwrap_or_default();
+    let route = Route::Quorum { declaration: &proposal.declaration, kinds: kinds.clone() };
+    let op = as_creation(&op, &route);
+    crate::node::execute(&mut after, &op, QUORUM_ACTOR, proposal.now, limits)?;
+    Invariants::admit(&proposal.declaration, &kinds, &proposal.key, &before, &after)?;
+    Ok(after)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -576,5 +612,119 @@ mod tests {
         let round: Command =
             rmp_serde::from_slice(&rmp_serde::to_vec_named(&keyed).unwrap()).unwrap();
         assert_eq!(round, keyed);
+    }
+}
+
+#[cfg(test)]
+mod totality {
+    use super::super::types::{Proposal, WireAction};
+    use super::*;
+    use crate::op::{Action, CounterOp, CrdtOp};
+    use calmkv_crdts::{CausalContext, Dot};
+
+    const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n\n[[invariant]]\nkeys = \"capped/*\"\ntype = \"counter\"\nmax = 10\n";
+
+    fn proposal(key: &str, action: Action, observed: Envelope) -> Proposal {
+        let invariants = Invariants::parse(BANK).unwrap();
+        let op = crate::Op { key: crate::Key::new(key, &Limits::default()).unwrap(), action };
+        let declaration = match invariants.route(&op).unwrap() {
+            Route::Quorum { declaration, .. } => declaration.clone(),
+            Route::Local => invariants.declarations().first().unwrap().clone(),
+        };
+        Proposal {
+            key: key.to_string(),
+            action: WireAction::from(&op.action),
+            observed,
+            declaration,
+            invariants_hash: invariants.hash(),
+            now: Default::default(),
+        }
+    }
+
+    fn counter(op: CounterOp) -> Action {
+        Action::Crdt(CrdtOp::Counter(op))
+    }
+
+    /// A state after a local delete with `context`, on top of `n` increments.
+    fn deleted_with(key: &str, n: u64, context: CausalContext) -> Envelope {
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let key = crate::Key::new(key, &Limits::default()).unwrap();
+        node.apply(&crate::Op { key: key.clone(), action: counter(CounterOp::Incr(n)) }).unwrap();
+        let delete = Action::Delete { context: Some(context) };
+        node.apply(&crate::Op { key, action: delete }).unwrap().state
+    }
+
+    fn forged() -> CausalContext {
+        CausalContext::from_dots([Dot { node: QUORUM_ACTOR, counter: u64::MAX }])
+    }
+
+    #[test]
+    fn a_context_naming_the_quorum_actor_at_its_last_dot_is_refused_without_a_panic() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let poisoned = deleted_with("account/alice", 5, forged());
+        assert_eq!(poisoned.value.context().highest(QUORUM_ACTOR), u64::MAX);
+        for action in [counter(CounterOp::Decr(1)), counter(CounterOp::Incr(1))] {
+            let outcome = sm.decide(&proposal("account/alice", action, poisoned.clone()), &limits);
+            assert!(
+                matches!(&outcome, Outcome::Refused { code, .. } if code == "limit_exceeded"),
+                "{outcome:?}"
+            );
+        }
+        // The forged context in the operation itself is refused the same way.
+        let delete = Action::Delete { context: Some(forged()) };
+        let outcome = sm.decide(&proposal("account/alice", delete, Envelope::default()), &limits);
+        assert!(matches!(&outcome, Outcome::Refused { code, .. } if code == "limit_exceeded"));
+        assert!(sm.key("account/alice").is_none(), "a refusal changes nothing");
+
+        // Another key is decided as ever.
+        let funded = deleted_with("account/bob", 0, CausalContext::new());
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let key = crate::Key::new("account/bob", &limits).unwrap();
+        let funded = funded.merged(
+            &node.apply(&crate::Op { key, action: counter(CounterOp::Incr(3)) }).unwrap().state,
+        );
+        let outcome =
+            sm.decide(&proposal("account/bob", counter(CounterOp::Decr(2)), funded), &limits);
+        assert!(matches!(outcome, Outcome::Committed { .. }), "{outcome:?}");
+    }
+
+    #[test]
+    fn counters_at_their_bounds_are_refused_without_a_panic() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        // The quorum's own share driven to u64::MAX, then once more.
+        let max = u64::MAX;
+        let first = sm.decide(
+            &proposal("account/big", counter(CounterOp::Decr(max)), Envelope::default()),
+            &limits,
+        );
+        assert!(
+            matches!(&first, Outcome::Refused { code, .. } if code == "invariant_violation"),
+            "{first:?}"
+        );
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let key = crate::Key::new("account/big", &limits).unwrap();
+        let rich =
+            node.apply(&crate::Op { key, action: counter(CounterOp::Incr(max)) }).unwrap().state;
+        let once = sm
+            .decide(&proposal("account/big", counter(CounterOp::Decr(max)), rich.clone()), &limits);
+        assert!(matches!(once, Outcome::Committed { .. }), "{once:?}");
+        let twice =
+            sm.decide(&proposal("account/big", counter(CounterOp::Decr(max)), rich), &limits);
+        assert!(matches!(twice, Outcome::Refused { .. }), "{twice:?}");
+        // An increment under a max: the quorum's share overflows, refused.
+        for _ in 0..2 {
+            let outcome = sm.decide(
+                &proposal("capped/c", counter(CounterOp::Incr(max)), Envelope::default()),
+                &limits,
+            );
+            assert!(matches!(outcome, Outcome::Refused { .. }), "{outcome:?}");
+        }
+        let small = sm.decide(
+            &proposal("capped/c", counter(CounterOp::Incr(10)), Envelope::default()),
+            &limits,
+        );
+        assert!(matches!(small, Outcome::Committed { .. }), "{small:?}");
     }
 }
