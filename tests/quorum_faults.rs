@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n";
+const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n\n[[invariant]]\nkeys = \"user/*\"\nunique = true\n";
 const DEADLINE: Duration = Duration::from_secs(10);
 
 /// What a [`Proxy`] does with the bytes it carries.
@@ -544,6 +544,206 @@ async fn raft_messages_with_an_absurd_term_are_refused_before_raft_sees_them() {
     assert_eq!(after, terms, "no voter's term moved");
     fund(&members, "account/t", 1);
     decr(&members[0], "account/t", 1, DEADLINE).await.unwrap();
+    for member in &members {
+        member.group.shutdown().await;
+    }
+}
+
+/// One voter alone (its own leader) whose listener has `limits`.
+async fn lone_voter(
+    root: &Path,
+    limits: calmkv::quorum::network::ListenerLimits,
+) -> (String, Member) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let node = node();
+    let config = QuorumConfig {
+        voters: vec![addr.clone()],
+        listen: Some(addr.clone()),
+        id: None,
+        secret: None,
+        timings: timings(),
+    };
+    let store = Arc::new(SledStore::open(&root.join("lone"), Durability::Sync).unwrap());
+    let group =
+        QuorumGroup::start_with(config, limits, Some(listener), node.clone(), store).await.unwrap();
+    (addr, Member { node, group })
+}
+
+fn small_limits() -> calmkv::quorum::network::ListenerLimits {
+    calmkv::quorum::network::ListenerLimits {
+        connections_max: 2,
+        frame_bytes_max: 64 * 1024,
+        handshake_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        frame_timeout: Duration::from_millis(300),
+    }
+}
+
+/// Sends one request frame and reads the response frame.
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &calmkv::quorum::network::Request,
+) -> std::io::Result<calmkv::quorum::network::Response> {
+    use calmkv::replication::frame::{decode_frame, encode_frame};
+    stream.write_all(&encode_frame(request, None).unwrap()).await?;
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+    stream.read_exact(&mut body).await?;
+    Ok(decode_frame(&body, None).unwrap())
+}
+
+fn sane_vote() -> calmkv::quorum::network::Request {
+    calmkv::quorum::network::Request::Vote(openraft::raft::VoteRequest {
+        vote: openraft::Vote::new(1, 9),
+        last_log_id: None,
+    })
+}
+
+/// Waits until `stream` is closed by the other end; how long that took.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
+    let start = Instant::now();
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(within, stream.read(&mut byte)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => start.elapsed(),
+        Ok(Ok(_)) => panic!("the listener sent bytes instead of closing"),
+        Err(_) => panic!("the listener kept the connection open past {within:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quorum_listener_caps_its_connections_and_answers_the_next_one_refused() {
+    use calmkv::quorum::network::Response;
+    let root = tempfile::tempdir().unwrap();
+    let limits = calmkv::quorum::network::ListenerLimits {
+        handshake_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        ..small_limits()
+    };
+    let (addr, voter) = lone_voter(root.path(), limits).await;
+    let metrics = voter.group.metrics().clone();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let answer = exchange(&mut stream, &sane_vote()).await.unwrap();
+        assert!(matches!(answer, Response::Vote(_)), "{answer:?}");
+        held.push(stream);
+    }
+    // One past the cap: answered Refused (so a proposer knows nothing was
+    // done) and closed.
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    let answer = exchange(&mut third, &sane_vote()).await.unwrap();
+    assert!(matches!(answer, Response::Refused { .. }), "{answer:?}");
+    closed_within(&mut third, Duration::from_secs(5)).await;
+    assert_eq!(metrics.connections_refused.load(Ordering::Relaxed), 1);
+    // Once one closes, a new connection is served again.
+    drop(held.pop());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        match exchange(&mut stream, &sane_vote()).await.unwrap() {
+            Response::Vote(_) => break,
+            Response::Refused { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(Instant::now() < deadline, "the freed slot was never reused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    voter.group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quorum_listener_refuses_an_oversized_frame_unread_and_times_out_silent_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let limits = small_limits();
+    let (addr, voter) = lone_voter(root.path(), limits).await;
+    let metrics = voter.group.metrics().clone();
+
+    // A prefix past the bound: closed at once, without waiting for a body.
+    let mut oversized = TcpStream::connect(&addr).await.unwrap();
+    let announced = (limits.frame_bytes_max as u32 + 1).to_be_bytes();
+    oversized.write_all(&announced).await.unwrap();
+    let took = closed_within(&mut oversized, Duration::from_secs(5)).await;
+    assert!(took < limits.frame_timeout, "it waited for the body: {took:?}");
+    assert_eq!(metrics.frames_refused.load(Ordering::Relaxed), 1);
+
+    // A connection that sends nothing: closed after the handshake timeout.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(took >= limits.handshake_timeout - Duration::from_millis(50), "{took:?}");
+    // A frame announced within the bound that never arrives: closed after
+    // the frame timeout.
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(&1000u32.to_be_bytes()).await.unwrap();
+    stalled.write_all(&[1, 2, 3]).await.unwrap();
+    closed_within(&mut stalled, Duration::from_secs(5)).await;
+    // A served connection that falls silent: closed after the idle timeout.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    exchange(&mut idle, &sane_vote()).await.unwrap();
+    closed_within(&mut idle, Duration::from_secs(5)).await;
+    assert_eq!(metrics.connections_timed_out.load(Ordering::Relaxed), 3);
+    assert_eq!(metrics.frames_refused.load(Ordering::Relaxed), 1);
+
+    // The voter still serves, and commits.
+    let mut fresh = TcpStream::connect(&addr).await.unwrap();
+    exchange(&mut fresh, &sane_vote()).await.unwrap();
+    voter.node.apply(&counter("account/l", CounterOp::Incr(2))).unwrap();
+    decr(&voter, "account/l", 1, DEADLINE).await.unwrap();
+    voter.group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_larger_than_a_log_entry_is_refused_before_it_is_proposed() {
+    let root = tempfile::tempdir().unwrap();
+    let (_, voter) = lone_voter(root.path(), small_limits()).await;
+    let big = vec![b'x'; calmkv::quorum::network::QUORUM_ENTRY_BYTES_MAX + 1];
+    let op = Op {
+        key: key("user/big"),
+        action: Action::Put { value: big.into(), context: None, if_absent: false },
+    };
+    let refused = voter.group.propose(op, Instant::now() + DEADLINE).await;
+    assert!(matches!(refused, Err(NodeError::LimitExceeded { .. })), "{:?}", refused.map(|_| ()));
+    assert!(voter.group.admitted("user/big").is_none(), "nothing was proposed");
+    voter.group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_catching_up_on_more_than_a_frame_of_entries_gets_them_in_several_frames() {
+    let root = tempfile::tempdir().unwrap();
+    let mut listeners = Vec::new();
+    let mut proxies = Vec::new();
+    for _ in 0..3 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        proxies.push(Proxy::start(listener.local_addr().unwrap().to_string()).await);
+        listeners.push(listener);
+    }
+    let mut members = start_behind(&proxies, listeners, root.path()).await;
+    let leader = leader_of(&members).await;
+    let behind = (0..3).find(|i| *i as u64 + 1 != leader).unwrap();
+    members[behind].group.shutdown().await;
+
+    // Six entries of about 1 MiB each: more than one frame holds.
+    let value = vec![b'v'; 1024 * 1024];
+    let proposer = (0..3).find(|i| *i != behind).unwrap();
+    for i in 0..6 {
+        let op = Op {
+            key: key(&format!("user/u{i}")),
+            action: Action::Put { value: value.clone().into(), context: None, if_absent: false },
+        };
+        members[proposer].group.propose(op, Instant::now() + DEADLINE).await.unwrap();
+    }
+    drop(members.remove(behind));
+    let listener = TcpListener::bind(&proxies[behind].upstream).await.unwrap();
+    let voters: Vec<String> = proxies.iter().map(|p| p.addr.clone()).collect();
+    let listen = Some((voters[behind].clone(), listener));
+    let restarted = start(&voters, listen, &root.path().join(format!("v{behind}"))).await;
+    members.insert(behind, restarted);
+    let deadline = Instant::now() + DEADLINE;
+    while members[behind].group.admitted("user/u5").is_none() {
+        assert!(Instant::now() < deadline, "the voter never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for member in &members {
         member.group.shutdown().await;
     }

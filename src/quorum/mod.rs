@@ -30,7 +30,9 @@ use crate::replication::frame::ClusterSecret;
 use crate::store::Store;
 use crate::{Applied, Node, NodeError, Op};
 pub use idempotency::IdempotencyKey;
-use network::{Client, Factory, Handler, NetworkMetrics, ProposeFailure, Request, Response};
+use network::{
+    Client, Factory, Handler, ListenerLimits, NetworkMetrics, ProposeFailure, Request, Response,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::storage::Adaptor;
 use openraft::{BasicNode, Raft};
@@ -229,6 +231,17 @@ impl QuorumGroup {
         node: Arc<Node>,
         store: Arc<dyn Store>,
     ) -> Result<Arc<QuorumGroup>, QuorumError> {
+        QuorumGroup::start_with(config, ListenerLimits::default(), listener, node, store).await
+    }
+
+    /// [`QuorumGroup::start_on`] with the listener's bounds.
+    pub async fn start_with(
+        config: QuorumConfig,
+        limits: ListenerLimits,
+        listener: Option<TcpListener>,
+        node: Arc<Node>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<QuorumGroup>, QuorumError> {
         if config.voters.is_empty() {
             return Err(QuorumError::InvalidConfig("no voters".into()));
         }
@@ -302,6 +315,7 @@ impl QuorumGroup {
                 serving,
                 config.secret.clone(),
                 metrics.clone(),
+                limits,
             ));
             QuorumGroup {
                 voters,
@@ -518,6 +532,16 @@ impl QuorumGroup {
         };
         let command =
             Command { proposal, idempotency_key: idempotency_key.map(|k| k.as_str().to_string()) };
+        let entry_bytes = rmp_serde::to_vec_named(&command).map(|b| b.len()).unwrap_or(usize::MAX);
+        if entry_bytes > network::QUORUM_ENTRY_BYTES_MAX {
+            return Err(NodeError::LimitExceeded {
+                key,
+                what: format!(
+                    "the proposal is {entry_bytes} bytes, more than a quorum log entry's limit of {}",
+                    network::QUORUM_ENTRY_BYTES_MAX
+                ),
+            });
+        }
         let answer = match tokio::time::timeout_at(deadline, self.commit(command, 0, inner)).await {
             Ok(answer) => answer,
             Err(_) => Err(ProposeFailure::Unknown("no answer by the deadline".into())),
