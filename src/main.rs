@@ -235,8 +235,10 @@ struct ServeArgs {
     /// Gossip addresses of cluster members to join through, comma-separated.
     #[arg(long, env = "CALMKV_JOIN", value_delimiter = ',')]
     join: Vec<String>,
-    /// Shared secret (at least 16 bytes) that authenticates gossip packets and
-    /// peer frames; every member needs the same one.
+    /// Shared secret (at least 16 bytes) that authenticates gossip packets,
+    /// peer connections and quorum frames; every member needs the same one.
+    /// Without it, the peer, gossip and quorum listeners may bind to loopback
+    /// addresses only.
     #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
     /// The quorum group's voters, by quorum address, comma-separated, the same
