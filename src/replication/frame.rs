@@ -1,18 +1,25 @@
-//! Frames of the peer channel: how a [`PeerMessage`] travels over TCP.
+//! Frames of the peer channel and the quorum: how a message travels over TCP.
 //!
 //! ```text
 //! u32 big-endian length | version byte | MessagePack body (named fields) | [32-byte tag]
 //! ```
 //!
 //! The length counts everything after itself and is bounded by
-//! [`PEER_FRAME_BYTES_MAX`] before anything is allocated. With a cluster secret,
-//! the tag is HMAC-SHA256 over the version byte and body; a frame whose tag does
-//! not verify is refused whole. Decoding never panics on any input.
+//! [`PEER_FRAME_BYTES_MAX`] before anything is allocated. Two kinds of tag:
+//!
+//! - quorum frames ([`encode_frame`], [`decode_frame`]): with a cluster secret,
+//!   HMAC-SHA256 under the secret over the version byte and body;
+//! - peer-channel frames ([`encode_body`], [`SessionKey`]): HMAC-SHA256 under the
+//!   connection's session key (see `handshake`) over the frame's sequence
+//!   number on the connection, the version byte and the body.
+//!
+//! A frame whose tag does not verify is refused whole. Decoding never panics
+//! on any input.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Largest frame, after the length prefix (DESIGN.md §8).
+/// Largest frame, after the length prefix (the design's limits table).
 pub const PEER_FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Format version of frame bodies.
 pub const FRAME_VERSION: u8 = 1;
@@ -57,6 +64,42 @@ impl ClusterSecret {
 impl std::fmt::Debug for ClusterSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ClusterSecret(..)")
+    }
+}
+
+/// The key that tags the frames of one peer connection, derived by the
+/// handshake from the cluster secret and both sides' nonces.
+#[derive(Clone)]
+pub struct SessionKey(Hmac<Sha256>);
+
+impl SessionKey {
+    /// A session key from its bytes.
+    pub fn new(key: [u8; 32]) -> SessionKey {
+        SessionKey(Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes keys of any length"))
+    }
+
+    fn mac(&self, seq: u64, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac = self.0.clone();
+        mac.update(&seq.to_be_bytes());
+        mac.update(body);
+        mac
+    }
+
+    /// The tag of the `seq`-th frame of the connection (from 0), whose bytes
+    /// (version byte and body) are `body`.
+    pub fn tag(&self, seq: u64, body: &[u8]) -> [u8; TAG_BYTES] {
+        self.mac(seq, body).finalize().into_bytes().into()
+    }
+
+    /// Whether `tag` is the tag of the `seq`-th frame `body` (constant time).
+    pub fn verify(&self, seq: u64, body: &[u8], tag: &[u8]) -> bool {
+        self.mac(seq, body).verify_slice(tag).is_ok()
+    }
+}
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(..)")
     }
 }
 
@@ -113,6 +156,38 @@ pub fn encode_frame<M: serde::Serialize>(
     Ok(frame)
 }
 
+/// Encodes a peer-channel message as its version byte and MessagePack body,
+/// without length prefix or tag (the connection adds both). Refused when the
+/// frame, tag included, would exceed [`PEER_FRAME_BYTES_MAX`].
+pub fn encode_body<M: serde::Serialize>(message: &M) -> Result<Vec<u8>, FrameError> {
+    let mut body = vec![FRAME_VERSION];
+    let mut serializer = rmp_serde::Serializer::new(&mut body).with_struct_map();
+    serde::Serialize::serialize(message, &mut serializer)
+        .map_err(|e| FrameError::Malformed { reason: e.to_string() })?;
+    if body.len() + TAG_BYTES > PEER_FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge { bytes: body.len() + TAG_BYTES });
+    }
+    Ok(body)
+}
+
+/// Decodes a version byte and MessagePack body (its tag already checked).
+pub fn decode_body<M: serde::de::DeserializeOwned>(signed: &[u8]) -> Result<M, FrameError> {
+    let Some((&version, mut rest)) = signed.split_first() else {
+        return Err(FrameError::Truncated);
+    };
+    if version != FRAME_VERSION {
+        return Err(FrameError::UnsupportedVersion { found: version });
+    }
+    let message = rmp_serde::from_read(&mut rest)
+        .map_err(|e| FrameError::Malformed { reason: e.to_string() })?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed {
+            reason: format!("{} bytes after the message", rest.len()),
+        });
+    }
+    Ok(message)
+}
+
 /// Reads a length prefix, refusing lengths over the limit before any allocation.
 pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
@@ -137,18 +212,7 @@ pub fn decode_frame<M: serde::de::DeserializeOwned>(
             return Err(FrameError::BadTag);
         }
     }
-    if signed[0] != FRAME_VERSION {
-        return Err(FrameError::UnsupportedVersion { found: signed[0] });
-    }
-    let mut rest = &signed[1..];
-    let message = rmp_serde::from_read(&mut rest)
-        .map_err(|e| FrameError::Malformed { reason: e.to_string() })?;
-    if !rest.is_empty() {
-        return Err(FrameError::Malformed {
-            reason: format!("{} bytes after the message", rest.len()),
-        });
-    }
-    Ok(message)
+    decode_body(signed)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod anti_entropy;
 pub mod cluster;
 pub mod digest;
 pub mod frame;
+pub mod handshake;
 pub mod harvest;
 pub mod message;
 pub mod outbox;
