@@ -1,4 +1,4 @@
-//! Every bound the node enforces, with its default (DESIGN.md §8).
+//! Every bound the node enforces, with its default (the design's limits table).
 //!
 //! A request that crosses a bound is refused with a typed error and changes
 //! nothing. Defaults are the design's; every field can be set through [`Config`]
@@ -83,6 +83,12 @@ impl Limits {
         if self.member_bytes_max > self.value_bytes_max {
             return Err("member_bytes_max must not exceed value_bytes_max".into());
         }
+        if self.map_depth_max > MAP_DEPTH_MAX_ON_THE_WIRE {
+            return Err(format!(
+                "map_depth_max must be at most {MAP_DEPTH_MAX_ON_THE_WIRE}: deeper states \
+                 would not fit the nesting bound of peer frames"
+            ));
+        }
         if self.request_timeout.is_zero() {
             return Err("request_timeout must be longer than zero".into());
         }
@@ -94,6 +100,16 @@ impl Limits {
         calmkv_crdts::Limits { members_max: self.members_max, siblings_max: self.siblings_max }
     }
 }
+
+/// Deepest map nesting a peer frame can carry (see
+/// [`FRAME_NESTING_MAX`](crate::replication::frame::FRAME_NESTING_MAX)).
+pub const MAP_DEPTH_MAX_ON_THE_WIRE: usize = {
+    use crate::replication::frame::{
+        FRAME_NESTING_MAX, FRAME_NESTING_OVERHEAD, FRAME_NESTING_PER_MAP_LEVEL,
+    };
+    (FRAME_NESTING_MAX - FRAME_NESTING_OVERHEAD) / FRAME_NESTING_PER_MAP_LEVEL
+};
+const _: () = assert!(Limits::MAP_DEPTH_MAX <= MAP_DEPTH_MAX_ON_THE_WIRE);
 
 // A value must fit in a request body with room for the request around it.
 const _: () = assert!(Limits::VALUE_BYTES_MAX < Limits::BODY_BYTES_MAX);

@@ -255,3 +255,78 @@ async fn an_idle_stranger_is_closed_at_the_handshake_deadline() {
     closed_by_node(&mut idle).await;
     assert_eq!(target.refused(RefusalKind::Timeout), 1);
 }
+
+/// The state of a map nested `depth` levels deep, built with `execute` (which,
+/// unlike a node's write path, does not check the depth), as a buggy or
+/// hostile peer would send it.
+fn nested_map_state(depth: usize) -> Envelope {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024 * 1024)
+        .spawn(move || {
+            let mut op = CrdtOp::Counter(CounterOp::Incr(1));
+            for _ in 0..depth {
+                let update = std::collections::BTreeMap::from([("f".to_string(), op)]);
+                op = CrdtOp::Map(calmkv::MapOp { update, remove: vec![] });
+            }
+            let op = Op { key: k("deep"), action: Action::Crdt(op) };
+            let mut state = Envelope::default();
+            let now = calmkv_crdts::Hlc::default();
+            calmkv::node::execute(&mut state, &op, NodeId(7), now, &Limits::default()).unwrap()
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+fn frames_refused(node: &TestNode) -> u64 {
+    node.cluster.channel().metrics().frames_refused.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_nested_past_the_depth_limit_is_refused_and_counted_and_the_rest_lands() {
+    let target = TestNode::start(Some(secret()), PeerSettings::default()).await;
+    let sender = TestNode::start(Some(secret()), PeerSettings::default()).await;
+    sender.cluster.channel().set_peers(vec![target.peer()]);
+    target.cluster.channel().set_peers(vec![sender.peer()]);
+    let depth = Limits::MAP_DEPTH_MAX + 12; // decodes, but deeper than a write may nest
+    let message = PeerMessage::Deltas {
+        deltas: vec![
+            ("deep".to_string(), nested_map_state(depth)),
+            ("fine".to_string(), forged_delta("fine", 3)),
+        ],
+        ack: None,
+    };
+    assert!(sender.cluster.channel().send(target.node().id(), &message));
+    eventually("the legal delta of the same frame lands", || target.counter("fine") == Some(3))
+        .await;
+    let metrics = target.cluster.channel().metrics();
+    assert_eq!(metrics.states_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(target.node().read(&k("deep")).unwrap(), None, "the deep map was not stored");
+    let exposed = metrics.exposition();
+    let refused =
+        exposed.iter().find(|(name, _, _)| *name == "calmkv_replication_states_refused_total");
+    assert_eq!(refused.map(|(_, _, v)| *v), Some(1.0), "counted in /metrics");
+    assert_eq!(frames_refused(&target), 0, "the frame itself was fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_505_level_nested_map_is_refused_without_harm() {
+    // Too deep to decode at all: the frame is refused (before, decoding it
+    // recursed 505 levels and could overflow the stack), the key is not
+    // stored, and the peer reconnects and is heard again.
+    let target = TestNode::start(Some(secret()), PeerSettings::default()).await;
+    let sender = TestNode::start(Some(secret()), PeerSettings::default()).await;
+    sender.cluster.channel().set_peers(vec![target.peer()]);
+    target.cluster.channel().set_peers(vec![sender.peer()]);
+    let message = PeerMessage::Deltas {
+        deltas: vec![("deep".to_string(), nested_map_state(505))],
+        ack: None,
+    };
+    assert!(sender.cluster.channel().send(target.node().id(), &message));
+    eventually("the frame is refused", || frames_refused(&target) == 1).await;
+    assert_eq!(target.node().read(&k("deep")).unwrap(), None);
+    let connects = || sender.cluster.channel().metrics().connects.load(Ordering::Relaxed);
+    eventually("the sender notices the closed connection and reconnects", || connects() == 2).await;
+    sender.cluster.write(incr("after", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    assert_eq!(target.counter("after"), Some(1));
+}

@@ -23,6 +23,18 @@ use sha2::Sha256;
 pub const PEER_FRAME_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Format version of frame bodies.
 pub const FRAME_VERSION: u8 = 1;
+/// Deepest nesting of MessagePack arrays and maps a frame may hold. Decoding
+/// recurses once per level, so without a bound a frame of a few kilobytes
+/// nesting thousands of levels would overflow the decoding thread's stack and
+/// abort the process. A map nested as deep as the limits allow
+/// (`map_depth_max`, checked by `Limits::validate`) takes
+/// [`FRAME_NESTING_PER_MAP_LEVEL`] levels, and the message around it less than
+/// [`FRAME_NESTING_OVERHEAD`].
+pub const FRAME_NESTING_MAX: usize = 160;
+/// MessagePack nesting levels one level of nested map takes in a key's state.
+pub const FRAME_NESTING_PER_MAP_LEVEL: usize = 4;
+/// MessagePack nesting levels of a message around the states it carries.
+pub const FRAME_NESTING_OVERHEAD: usize = 32;
 /// Bytes of the authentication tag.
 pub const TAG_BYTES: usize = 32;
 
@@ -178,7 +190,9 @@ pub fn decode_body<M: serde::de::DeserializeOwned>(signed: &[u8]) -> Result<M, F
     if version != FRAME_VERSION {
         return Err(FrameError::UnsupportedVersion { found: version });
     }
-    let message = rmp_serde::from_read(&mut rest)
+    let mut decoder = rmp_serde::Deserializer::new(&mut rest);
+    decoder.set_max_depth(FRAME_NESTING_MAX);
+    let message = serde::Deserialize::deserialize(&mut decoder)
         .map_err(|e| FrameError::Malformed { reason: e.to_string() })?;
     if !rest.is_empty() {
         return Err(FrameError::Malformed {
@@ -305,5 +319,52 @@ mod tests {
             body[i] ^= 1 << bit;
             prop_assert!(decode_frame::<PeerMessage>(&body, Some(&secret())).is_err());
         }
+    }
+}
+
+#[cfg(test)]
+mod nesting {
+    use super::super::message::PeerMessage;
+    use super::*;
+    use crate::op::{Action, CounterOp, CrdtOp, Key, MapOp, Op};
+    use crate::Limits;
+
+    /// Built with `execute`, which (unlike a node's write path) does not check
+    /// the depth: the state a hostile peer could send.
+    fn nested_state(depth: usize) -> crate::Envelope {
+        let mut op = CrdtOp::Counter(CounterOp::Incr(1));
+        for _ in 0..depth {
+            let update = std::collections::BTreeMap::from([("f".to_string(), op)]);
+            op = CrdtOp::Map(MapOp { update, remove: vec![] });
+        }
+        let key = Key::new("k", &Limits::default()).unwrap();
+        let mut state = crate::Envelope::default();
+        let (actor, now) = (calmkv_crdts::NodeId(7), calmkv_crdts::Hlc::default());
+        let op = Op { key, action: Action::Crdt(op) };
+        crate::node::execute(&mut state, &op, actor, now, &Limits::default()).unwrap();
+        state
+    }
+
+    fn deltas(depth: usize) -> PeerMessage {
+        PeerMessage::Deltas { deltas: vec![("k".into(), nested_state(depth))], ack: Some(1) }
+    }
+
+    #[test]
+    fn a_state_nested_as_deep_as_the_limits_allow_decodes() {
+        let depth = (FRAME_NESTING_MAX - FRAME_NESTING_OVERHEAD) / FRAME_NESTING_PER_MAP_LEVEL;
+        let message = deltas(depth);
+        let body = encode_body(&message).unwrap();
+        assert_eq!(decode_body::<PeerMessage>(&body).unwrap(), message);
+    }
+
+    #[test]
+    fn a_frame_nested_deeper_than_the_bound_is_refused_not_a_stack_overflow() {
+        let body = encode_body(&deltas(FRAME_NESTING_MAX)).unwrap();
+        assert!(matches!(decode_body::<PeerMessage>(&body), Err(FrameError::Malformed { .. })));
+        // Raw nesting: arrays of one array, 100,000 deep, in 100 kB.
+        let mut raw = vec![FRAME_VERSION];
+        raw.extend(std::iter::repeat_n(0x91u8, 100_000));
+        raw.push(0xc0);
+        assert!(decode_body::<PeerMessage>(&raw).is_err());
     }
 }

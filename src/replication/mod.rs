@@ -4,6 +4,7 @@
 //! outputs, so a deterministic simulator can drive them with any interleaving,
 //! loss or duplication, and the network layer only moves bytes.
 
+pub mod admission;
 pub mod anti_entropy;
 pub mod cluster;
 pub mod digest;

@@ -27,7 +27,8 @@
 //! [`handshake`]: super::handshake
 //! [`HANDSHAKE_READ_BYTES`]: super::handshake::HANDSHAKE_READ_BYTES
 
-use super::anti_entropy;
+use super::admission;
+use super::anti_entropy::{self, AntiEntropy};
 use super::frame::{
     decode_body, encode_body, frame_len, ClusterSecret, FrameError, SessionKey, TAG_BYTES,
 };
@@ -43,7 +44,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -134,8 +135,21 @@ pub struct PeerMetrics {
     pub handshakes_pending: AtomicU64,
     /// Gauge: authenticated inbound connections.
     pub inbound_connections: AtomicU64,
-    /// When a refused handshake was last logged (ms since the first log).
+    /// When a refused handshake was last logged (see [`log_due`]).
     refusal_logged_ms: AtomicU64,
+    /// When a refused state was last logged.
+    state_refusal_logged_ms: AtomicU64,
+}
+
+/// Whether a rate-limited log line is due: at most one per
+/// [`REFUSAL_LOG_PERIOD`] per `slot` (the time of the last one, in ms since
+/// the first rate-limited log of the process, 0 for never).
+fn log_due(slot: &AtomicU64) -> bool {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let now_ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+    let last = slot.load(Ordering::Relaxed);
+    let due = last == 0 || now_ms.saturating_sub(last) >= REFUSAL_LOG_PERIOD.as_millis() as u64;
+    due && slot.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
 }
 
 impl PeerMetrics {
@@ -164,16 +178,7 @@ impl PeerMetrics {
             tracing::debug!(%remote, side, %error, "peer handshake refused");
             return;
         }
-        static EPOCH: OnceLock<Instant> = OnceLock::new();
-        let now_ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
-        let last = self.refusal_logged_ms.load(Ordering::Relaxed);
-        let due = last == 0 || now_ms.saturating_sub(last) >= REFUSAL_LOG_PERIOD.as_millis() as u64;
-        if due
-            && self
-                .refusal_logged_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if log_due(&self.refusal_logged_ms) {
             tracing::warn!(
                 %remote, side, %error, refused_so_far = total, kind = kind.name(),
                 "peer handshake refused: check that every node has the same --cluster-secret"
@@ -672,7 +677,46 @@ impl PeerChannel {
         }
     }
 
+    /// Drops the states of `message` that cross a limit, counting and logging
+    /// them; `None` when nothing is left to handle. Deltas lose their `ack`
+    /// when one of them is refused: they were not all stored.
+    fn admit(&self, from: NodeId, message: PeerMessage) -> Option<PeerMessage> {
+        let limits = self.node.limits();
+        let replicas = self.links.lock().unwrap_or_else(|p| p.into_inner()).len() + 1;
+        let admitted = |key: &str, state: &Envelope| match admission::check(state, limits, replicas)
+        {
+            Ok(()) => true,
+            Err(reason) => {
+                let total = self.metrics.states_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if log_due(&self.metrics.state_refusal_logged_ms) {
+                    tracing::warn!(
+                        peer = %from, key, %reason, refused_so_far = total,
+                        "refusing a remote state that crosses a limit"
+                    );
+                }
+                false
+            }
+        };
+        match message {
+            PeerMessage::Deltas { deltas, ack } => {
+                let offered = deltas.len();
+                let deltas: Vec<_> = deltas.into_iter().filter(|(k, s)| admitted(k, s)).collect();
+                let ack = ack.filter(|_| deltas.len() == offered);
+                Some(PeerMessage::Deltas { deltas, ack })
+            }
+            PeerMessage::AntiEntropy(AntiEntropy::States { states, want }) => {
+                let states = states.into_iter().filter(|(k, s)| admitted(k, s)).collect();
+                Some(PeerMessage::AntiEntropy(AntiEntropy::States { states, want }))
+            }
+            PeerMessage::ReadReply { id, state } => {
+                admitted("(read reply)", &state).then_some(PeerMessage::ReadReply { id, state })
+            }
+            other => Some(other),
+        }
+    }
+
     async fn dispatch(&self, from: NodeId, message: PeerMessage) {
+        let Some(message) = self.admit(from, message) else { return };
         match message {
             PeerMessage::Acked { id } => self.complete(id, from, PeerMessage::Acked { id }),
             PeerMessage::ReadReply { id, state } => {
@@ -726,17 +770,30 @@ impl PeerChannel {
     }
 
     /// Drains the outbox onto an established connection, tagging each frame
-    /// with the session key and its sequence number.
-    async fn write_frames<S: AsyncWrite + Unpin>(
+    /// with the session key and its sequence number. The acceptor never
+    /// writes after the handshake, so anything readable on `stream` means it
+    /// closed the connection (say, after refusing a frame): the dialer then
+    /// reconnects at once instead of writing into a dead socket.
+    async fn write_frames(
         &self,
-        stream: S,
+        stream: TcpStream,
         outbox: &Outbox,
         session: Option<&SessionKey>,
     ) -> std::io::Result<()> {
-        let mut writer = BufWriter::new(stream);
+        let (mut reader, writer) = stream.into_split();
+        let mut writer = BufWriter::new(writer);
         let mut seq = 0u64;
+        let mut probe = [0u8; 1];
         loop {
-            outbox.ready().await;
+            tokio::select! {
+                () = outbox.ready() => {}
+                _ = reader.read(&mut probe) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the peer closed the connection",
+                    ));
+                }
+            }
             for body in outbox.take(WRITE_BATCH_BYTES) {
                 let tag = session.map(|s| s.tag(seq, &body));
                 let len = body.len() + tag.map_or(0, |t| t.len());
