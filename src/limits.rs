@@ -33,6 +33,17 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Size of the encoded context token a client may send.
     pub context_bytes_max: usize,
+    /// Time a client has to send a request's headers (and, on a keep-alive
+    /// connection, the longest idle wait for the next request); past it the
+    /// connection is closed.
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's whole body once its headers
+    /// arrived; past it the request is answered `408 body_timeout` and the
+    /// connection closed. No in-flight permit is held meanwhile.
+    pub body_read_timeout: Duration,
+    /// HTTP connections open at once from one client IP address; more are
+    /// closed at once.
+    pub http_connections_per_ip_max: usize,
 }
 
 impl Limits {
@@ -58,6 +69,12 @@ impl Limits {
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default largest context token (64 KiB).
     pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
+    /// Default header read timeout.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default body read timeout.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default HTTP connections per client IP.
+    pub const HTTP_CONNECTIONS_PER_IP_MAX: usize = 256;
 
     /// Checks that the bounds can work together: every count at least 1, a value
     /// smaller than a request body, a member no larger than a value.
@@ -73,6 +90,7 @@ impl Limits {
             ("in_flight_requests_max", self.in_flight_requests_max),
             ("scan_page_max", self.scan_page_max),
             ("context_bytes_max", self.context_bytes_max),
+            ("http_connections_per_ip_max", self.http_connections_per_ip_max),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(format!("{name} must be at least 1"));
@@ -89,8 +107,13 @@ impl Limits {
                  would not fit the nesting bound of peer frames"
             ));
         }
-        if self.request_timeout.is_zero() {
-            return Err("request_timeout must be longer than zero".into());
+        let times = [
+            ("request_timeout", self.request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+        ];
+        if let Some((name, _)) = times.iter().find(|(_, t)| t.is_zero()) {
+            return Err(format!("{name} must be longer than zero"));
         }
         Ok(())
     }
@@ -129,6 +152,9 @@ impl Default for Limits {
             scan_page_max: Self::SCAN_PAGE_MAX,
             request_timeout: Self::REQUEST_TIMEOUT,
             context_bytes_max: Self::CONTEXT_BYTES_MAX,
+            header_read_timeout: Self::HEADER_READ_TIMEOUT,
+            body_read_timeout: Self::BODY_READ_TIMEOUT,
+            http_connections_per_ip_max: Self::HTTP_CONNECTIONS_PER_IP_MAX,
         }
     }
 }

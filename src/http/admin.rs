@@ -88,6 +88,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
         "HTTP requests being served (this one included), bounded by the in-flight limit.",
         state.in_flight_requests() as f64,
     ));
+    gauges.extend(state.connections().exposition());
     let channel = state.cluster().channel();
     gauges.extend(channel.metrics().exposition());
     gauges.push(("calmkv_peers", "Peers this node replicates to.", channel.peers().len() as f64));
