@@ -1,0 +1,121 @@
+//! Two nodes started with different cluster secrets refuse each other, and say
+//! so: the refusals are counted, logged, shown in `/v1/cluster` and printed by
+//! `calmkv members`, instead of each node running alone in silence.
+
+mod process;
+
+use calmkv::replication::frame::ClusterSecret;
+use calmkv::server::{connect_all, Server, ServerConfig};
+use calmkv::Config;
+use process::{http_get, run, ServerProcess};
+use serde_json::Value as Json;
+use std::time::{Duration, Instant};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn cluster_of(addr: std::net::SocketAddr) -> Json {
+    let (status, body) = http_get(addr, "/v1/cluster").expect("GET /v1/cluster");
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> Option<Json>) -> Json {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(seen) = check() {
+            return seen;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn gossip_from_a_node_with_another_secret_is_refused_counted_logged_and_shown() {
+    let temp = tempfile::tempdir().unwrap();
+    let flags = ["--peer-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"];
+    let mut first_flags = flags.to_vec();
+    first_flags.extend(["--cluster-secret", "the first cluster's secret"]);
+    let mut first = ServerProcess::start_in(&temp.path().join("a"), &first_flags);
+    let seed = cluster_of(first.addr())["node"]["gossip_addr"].as_str().unwrap().to_string();
+    let mut second_flags = flags.to_vec();
+    second_flags.extend(["--cluster-secret", "another secret entirely", "--join", &seed]);
+    let second = ServerProcess::start_in(&temp.path().join("b"), &second_flags);
+
+    let refusals = wait_for("the first node refuses the second's gossip", || {
+        let refusals = cluster_of(first.addr())["refusals"].clone();
+        (refusals["gossip"]["wrong_secret"].as_u64() > Some(0)).then_some(refusals)
+    });
+    assert_eq!(refusals["gossip"]["undecodable"], 0, "{refusals}");
+    let members = cluster_of(first.addr())["members"].as_array().unwrap().len();
+    assert_eq!(members, 1, "the first node did not admit the second");
+
+    let listed = run(&["members", "--url", &first.url()]);
+    listed.assert_success();
+    let line = listed.stdout.lines().find(|l| l.starts_with("refused since start:"));
+    let line = line.unwrap_or_else(|| panic!("no refusals line: {}", listed.stdout));
+    assert!(line.contains("gossip wrong_secret="), "{line}");
+    assert!(line.contains("another --cluster-secret"), "{line}");
+
+    drop(second);
+    let stopped = first.terminate();
+    assert!(
+        stopped.stderr.contains("gossip packet failed authentication"),
+        "the refusal is logged: {}",
+        stopped.stderr
+    );
+    let warnings = stopped.stderr.matches("gossip packet failed authentication").count();
+    assert!(warnings <= 4, "rate-limited: {warnings} warnings");
+}
+
+async fn server_with(secret: &[u8; 32]) -> Server {
+    let mut config = ServerConfig::new(Config::in_memory(), "127.0.0.1:0");
+    config.peer_addr = Some("127.0.0.1:0".into());
+    config.cluster_secret = Some(ClusterSecret::new(*secret).unwrap());
+    Server::start(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_with_different_secrets_refuse_each_others_handshakes_and_show_it() {
+    let servers = vec![
+        server_with(b"the first cluster secret, 32 b..").await,
+        server_with(b"a different secret of 32 bytes..").await,
+    ];
+    connect_all(&servers);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for server in &servers {
+        let url = format!("http://{}/v1/cluster", server.http_addr());
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let cluster: Json = http.get(&url).send().await.unwrap().json().await.unwrap();
+            let refusals = &cluster["refusals"];
+            if refusals["peer_handshakes"]["wrong_secret"].as_u64() > Some(0) {
+                assert_eq!(refusals["peer_handshakes"]["malformed"], 0, "{refusals}");
+                assert_eq!(refusals["remote_states"], 0, "{refusals}");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no refusal shown: {cluster}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let metrics = http
+            .get(format!("http://{}/metrics", server.http_addr()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let counted = metrics.lines().any(|l| {
+            l.strip_prefix("calmkv_peer_handshakes_refused_wrong_secret_total ")
+                .is_some_and(|n| n != "0")
+        });
+        assert!(counted, "{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == "calmkv_peer_handshakes_total 0"),
+            "no handshake ever succeeded"
+        );
+    }
+    for server in servers {
+        server.shutdown().await.unwrap();
+    }
+}
