@@ -246,10 +246,11 @@ struct ServeArgs {
     /// Gossip addresses of cluster members to join through, comma-separated.
     #[arg(long, env = "CALMKV_JOIN", value_delimiter = ',')]
     join: Vec<String>,
-    /// Shared secret (at least 16 bytes) that authenticates gossip packets,
-    /// peer connections and quorum frames; every member needs the same one.
-    /// Without it, the peer, gossip and quorum listeners may bind to loopback
-    /// addresses only.
+    /// Shared secret (at least 16 bytes) that authenticates and encrypts gossip
+    /// packets, peer connections and quorum frames; every member needs it.
+    /// Several, comma-separated, make a keyring for rotation: the first seals,
+    /// every one opens. Without it, the peer, gossip and quorum listeners may
+    /// bind to loopback addresses only.
     #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
     /// The quorum group's voters, by quorum address, comma-separated, the same
@@ -316,10 +317,9 @@ impl ServeArgs {
         config.auth_token = self.auth_token.clone();
         config.peer_addr = self.peer_addr.clone();
         if let Some(secret) = &self.cluster_secret {
-            config.cluster_secret = Some(
-                ClusterSecret::new(secret.as_bytes())
-                    .context("--cluster-secret must be at least 16 bytes")?,
-            );
+            config.cluster_secret = Some(ClusterSecret::parse(secret).context(
+                "--cluster-secret takes 1 to 8 comma-separated secrets of at least 16 bytes each",
+            )?);
         }
         if self.quorum_addr.is_some() && self.voters.is_empty() {
             bail!("--quorum-addr needs --voters");

@@ -395,6 +395,8 @@ async fn start_gossip(
     settings.state_path =
         (!config.node.in_memory).then(|| config.node.data_dir.join("gossip.state"));
     settings.cluster_secret = config.cluster_secret.as_ref().map(|s| s.as_bytes().to_vec());
+    settings.accepted_secrets =
+        config.cluster_secret.iter().flat_map(|s| s.all().skip(1).map(<[u8]>::to_vec)).collect();
     Membership::start(settings, Arc::new(transport)).await.map_err(ServerError::Gossip)
 }
 

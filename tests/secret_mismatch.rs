@@ -119,3 +119,73 @@ async fn peers_with_different_secrets_refuse_each_others_handshakes_and_show_it(
         server.shutdown().await.unwrap();
     }
 }
+
+fn counter_of(node: &ServerProcess, key: &str) -> Option<i64> {
+    match http_get(node.addr(), &format!("/v1/kv/{key}")) {
+        Ok((200, body)) => serde_json::from_str::<Json>(&body).ok()?["value"].as_i64(),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_keyring_rotates_the_secret_without_splitting_the_cluster() {
+    // Rotation from `old` to `new`: first every node gets `old,new` (seals
+    // with old, opens both), then `new,old`, then `new`. Mid-way through the
+    // second step, a node of each kind gossips and replicates both ways; a
+    // node that skipped ahead to `new` alone cannot open what a node still
+    // sealing with `old` sends, and says so.
+    let temp = tempfile::tempdir().unwrap();
+    let flags = ["--peer-addr", "127.0.0.1:0", "--gossip-addr", "127.0.0.1:0"];
+    let (old, new) = ("the old cluster secret", "the new cluster secret");
+    let first_ring = format!("{old},{new}");
+    let mut old_flags = flags.to_vec();
+    old_flags.extend(["--cluster-secret", &first_ring]);
+    let first = ServerProcess::start_in(&temp.path().join("a"), &old_flags);
+    let seed = cluster_of(first.addr())["node"]["gossip_addr"].as_str().unwrap().to_string();
+    let keyring = format!("{new},{old}");
+    let mut rotating_flags = flags.to_vec();
+    rotating_flags.extend(["--cluster-secret", &keyring, "--join", &seed]);
+    let second = ServerProcess::start_in(&temp.path().join("b"), &rotating_flags);
+    for node in [&first, &second] {
+        wait_for("both nodes see two alive members", || {
+            let cluster = cluster_of(node.addr());
+            let members = cluster["members"].as_array()?.clone();
+            (members.len() == 2 && members.iter().all(|m| m["state"] == "alive")).then_some(cluster)
+        });
+    }
+    run(&["incr", "rotated", "2", "--url", &first.url()]).assert_success();
+    run(&["incr", "rotated", "3", "--url", &second.url()]).assert_success();
+    for node in [&first, &second] {
+        wait_for("both writes reach both nodes", || {
+            (counter_of(node, "rotated") == Some(5)).then_some(Json::Null)
+        });
+    }
+    let refused = cluster_of(first.addr())["refusals"].clone();
+    assert_eq!(refused["gossip"]["wrong_secret"], 0, "{refused}");
+    assert_eq!(refused["peer_handshakes"]["wrong_secret"], 0, "{refused}");
+
+    let mut new_flags = flags.to_vec();
+    new_flags.extend(["--cluster-secret", new, "--join", &seed]);
+    let third = ServerProcess::start_in(&temp.path().join("c"), &new_flags);
+    wait_for("the new-only node refuses the packets sealed with the old secret", || {
+        let refusals = cluster_of(third.addr())["refusals"].clone();
+        (refusals["gossip"]["wrong_secret"].as_u64() > Some(0)).then_some(refusals)
+    });
+}
+
+#[test]
+fn a_keyring_with_a_short_secret_is_refused_at_start() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("data");
+    let finished = run(&[
+        "serve",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--cluster-secret",
+        "a long enough secret,short",
+    ]);
+    finished.assert_failure();
+    assert!(finished.stderr.contains("--cluster-secret takes"), "{finished:#?}");
+}

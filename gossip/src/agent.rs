@@ -436,9 +436,9 @@ pub(crate) async fn receive_loop<T: Transport>(
                     continue;
                 }
             },
-            None => packet,
+            None => packet.to_vec(),
         };
-        match inbox.try_send(payload.to_vec()) {
+        match inbox.try_send(payload) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => bump(&metrics.dropped_inbox_full),
             Err(mpsc::error::TrySendError::Closed(_)) => return,

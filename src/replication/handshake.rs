@@ -15,14 +15,19 @@
 //! its own node id, so a proof cannot be replayed on another connection, by the
 //! other role, or for another id: the `from` of every later frame is the id the
 //! dialer proved, never a claim. Both sides then derive a session key from the
-//! secret and both nonces; every frame on the connection carries a tag under
-//! that key over its sequence number and bytes (see [`SessionKey`]), so frames
-//! cannot be replayed across connections or reordered within one.
+//! dialer's secret, both nonces and both ids; every frame on the connection is
+//! encrypted and authenticated under that key with its sequence number as the
+//! nonce (see [`SessionKey`]), so frames cannot be read, forged, replayed across
+//! connections or reordered within one.
+//!
+//! With a keyring (several secrets) a node proves with its first secret and
+//! accepts a proof under any of its secrets; the session key comes from the
+//! secret the dialer's proof verified under, which both sides know.
 //!
 //! Without a secret (loopback-only, see the server's protected mode) proofs
 //! are zeros and not checked: the id is the dialer's claim.
 
-use super::frame::{ClusterSecret, SessionKey, TAG_BYTES};
+use super::frame::{ClusterSecret, SessionKey};
 use calmkv_crdts::NodeId;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -35,8 +40,8 @@ pub const MAGIC: [u8; 4] = *b"CKVP";
 pub const PEER_PROTOCOL_VERSION: u8 = 2;
 /// Bytes of a nonce.
 pub const NONCE_BYTES: usize = 32;
-/// Bytes of a proof.
-pub const PROOF_BYTES: usize = TAG_BYTES;
+/// Bytes of a proof (an HMAC-SHA256).
+pub const PROOF_BYTES: usize = 32;
 /// Bytes of a [`Hello`].
 pub const HELLO_BYTES: usize = 4 + 1 + 1 + 8 + NONCE_BYTES;
 /// The most an acceptor reads from a connection before it is authenticated.
@@ -108,17 +113,16 @@ pub enum Role {
     Acceptor,
 }
 
-fn keyed(secret: &ClusterSecret, domain: &[u8]) -> Hmac<Sha256> {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+fn keyed(secret: &[u8], domain: &[u8]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
     mac.update(domain);
     mac
 }
 
-/// What `node` in `role` sends to prove it holds `secret` on the connection
-/// whose nonces are `dialer` and `acceptor`.
+/// What `node` in `role` sends to prove it holds `secret` (one secret of a
+/// keyring) on the connection whose nonces are `dialer` and `acceptor`.
 pub fn proof(
-    secret: &ClusterSecret,
+    secret: &[u8],
     role: Role,
     dialer: &[u8; NONCE_BYTES],
     acceptor: &[u8; NONCE_BYTES],
@@ -128,7 +132,7 @@ pub fn proof(
 }
 
 fn proof_mac(
-    secret: &ClusterSecret,
+    secret: &[u8],
     role: Role,
     dialer: &[u8; NONCE_BYTES],
     acceptor: &[u8; NONCE_BYTES],
@@ -145,9 +149,10 @@ fn proof_mac(
     mac
 }
 
-/// Whether `presented` is the proof of `node` in `role` (constant time).
+/// Whether `presented` is the proof of `node` in `role` under `secret`
+/// (constant time).
 pub fn verify_proof(
-    secret: &ClusterSecret,
+    secret: &[u8],
     role: Role,
     dialer: &[u8; NONCE_BYTES],
     acceptor: &[u8; NONCE_BYTES],
@@ -157,8 +162,21 @@ pub fn verify_proof(
     proof_mac(secret, role, dialer, acceptor, node).verify_slice(presented).is_ok()
 }
 
-/// The key that tags the frames of one connection.
-pub fn session_key(secret: &ClusterSecret, dialer: &Hello, acceptor: &Hello) -> SessionKey {
+/// The secret of `keyring` under which `presented` proves `node` in `role`.
+fn proving_secret<'k>(
+    keyring: &'k ClusterSecret,
+    role: Role,
+    dialer: &[u8; NONCE_BYTES],
+    acceptor: &[u8; NONCE_BYTES],
+    node: NodeId,
+    presented: &[u8; PROOF_BYTES],
+) -> Option<&'k [u8]> {
+    keyring.all().find(|secret| verify_proof(secret, role, dialer, acceptor, node, presented))
+}
+
+/// The key that seals the frames of one connection, from the dialer's first
+/// secret (the one its proof verified under).
+pub fn session_key(secret: &[u8], dialer: &Hello, acceptor: &Hello) -> SessionKey {
     let mut mac = keyed(secret, SESSION_DOMAIN);
     mac.update(&dialer.nonce);
     mac.update(&acceptor.nonce);
@@ -320,7 +338,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         // setting differs learns it too and can say so.
         let ours = Hello::new(own, secret.is_some());
         let our_proof = match secret {
-            Some(s) => proof(s, Role::Acceptor, &theirs.nonce, &ours.nonce, own),
+            Some(s) => proof(s.as_bytes(), Role::Acceptor, &theirs.nonce, &ours.nonce, own),
             None => [0u8; PROOF_BYTES],
         };
         let mut answer = [0u8; HELLO_BYTES + PROOF_BYTES];
@@ -332,12 +350,18 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         let mut their_proof = [0u8; PROOF_BYTES];
         stream.read_exact(&mut their_proof).await?;
         let session = match secret {
-            Some(s) => {
-                let node = theirs.node;
-                if !verify_proof(s, Role::Dialer, &theirs.nonce, &ours.nonce, node, &their_proof) {
-                    return Err(HandshakeError::WrongSecret);
-                }
-                Some(session_key(s, &theirs, &ours))
+            Some(keyring) => {
+                let (dialer, acceptor) = (&theirs.nonce, &ours.nonce);
+                let proving = proving_secret(
+                    keyring,
+                    Role::Dialer,
+                    dialer,
+                    acceptor,
+                    theirs.node,
+                    &their_proof,
+                )
+                .ok_or(HandshakeError::WrongSecret)?;
+                Some(session_key(proving, &theirs, &ours))
             }
             None => None,
         };
@@ -370,17 +394,15 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(HandshakeError::UnexpectedPeer { expected, found: theirs.node });
         }
         let (our_proof, verified) = match secret {
-            Some(s) => (
-                proof(s, Role::Dialer, &ours.nonce, &theirs.nonce, own),
-                verify_proof(
-                    s,
-                    Role::Acceptor,
-                    &ours.nonce,
-                    &theirs.nonce,
-                    theirs.node,
-                    &their_proof,
-                ),
-            ),
+            Some(keyring) => {
+                let (dialer, acceptor) = (&ours.nonce, &theirs.nonce);
+                let node = theirs.node;
+                (
+                    proof(keyring.as_bytes(), Role::Dialer, dialer, acceptor, own),
+                    proving_secret(keyring, Role::Acceptor, dialer, acceptor, node, &their_proof)
+                        .is_some(),
+                )
+            }
             None => ([0u8; PROOF_BYTES], true),
         };
         stream.write_all(&our_proof).await?;
@@ -388,7 +410,7 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
         if !verified {
             return Err(HandshakeError::WrongSecret);
         }
-        let session = secret.map(|s| session_key(s, &ours, &theirs));
+        let session = secret.map(|s| session_key(s.as_bytes(), &ours, &theirs));
         Ok(Established { peer: theirs.node, session })
     };
     tokio::time::timeout(timeout, exchange)
@@ -425,10 +447,16 @@ mod tests {
         let (dialer, acceptor) = run(Some(secret(A)), Some(secret(A))).await;
         let (dialer, acceptor) = (dialer.unwrap(), acceptor.unwrap());
         assert_eq!((dialer.peer, acceptor.peer), (NodeId(2), NodeId(1)));
-        let body = b"\x01frame";
-        let tag = dialer.session.as_ref().unwrap().tag(0, body);
-        assert!(acceptor.session.as_ref().unwrap().verify(0, body, &tag));
-        assert!(!acceptor.session.as_ref().unwrap().verify(1, body, &tag), "bound to its sequence");
+        let mut frame = b"\x01frame".to_vec();
+        dialer.session.as_ref().unwrap().seal(0, &mut frame);
+        assert_ne!(&frame[..6], b"\x01frame", "encrypted");
+        let mut replayed = frame.clone();
+        assert!(
+            !acceptor.session.as_ref().unwrap().open(1, &mut replayed),
+            "bound to its sequence"
+        );
+        assert!(acceptor.session.as_ref().unwrap().open(0, &mut frame));
+        assert_eq!(frame, b"\x01frame");
     }
 
     #[tokio::test]
@@ -462,16 +490,39 @@ mod tests {
         assert_eq!(refused.kind(), RefusalKind::Timeout);
     }
 
+    #[tokio::test]
+    async fn a_keyring_accepts_its_second_secret_so_a_secret_can_rotate() {
+        let old_and_new = ClusterSecret::keyring([A.to_vec(), B.to_vec()]).unwrap();
+        let new_and_old = ClusterSecret::keyring([B.to_vec(), A.to_vec()]).unwrap();
+        for (dialer, acceptor) in [
+            (Some(old_and_new.clone()), Some(secret(A))),
+            (Some(secret(A)), Some(old_and_new.clone())),
+            (Some(new_and_old.clone()), Some(old_and_new.clone())),
+            (Some(secret(B)), Some(new_and_old.clone())),
+        ] {
+            let (d, a) = run(dialer, acceptor).await;
+            let (d, a) = (d.unwrap(), a.unwrap());
+            let mut frame = b"\x01frame".to_vec();
+            d.session.as_ref().unwrap().seal(0, &mut frame);
+            assert!(a.session.as_ref().unwrap().open(0, &mut frame), "both derive one session key");
+        }
+        let (d, a) = run(Some(secret(B)), Some(secret(A))).await;
+        assert_eq!(
+            (d.unwrap_err().kind(), a.unwrap_err().kind()),
+            (RefusalKind::WrongSecret, RefusalKind::WrongSecret)
+        );
+    }
+
     #[test]
     fn a_proof_is_bound_to_role_nonces_and_id() {
-        let s = secret(A);
+        let s = *A;
         let (n1, n2) = ([1u8; 32], [2u8; 32]);
         let p = proof(&s, Role::Dialer, &n1, &n2, NodeId(7));
         assert!(verify_proof(&s, Role::Dialer, &n1, &n2, NodeId(7), &p));
         assert!(!verify_proof(&s, Role::Acceptor, &n1, &n2, NodeId(7), &p));
         assert!(!verify_proof(&s, Role::Dialer, &n2, &n1, NodeId(7), &p));
         assert!(!verify_proof(&s, Role::Dialer, &n1, &n2, NodeId(8), &p));
-        assert!(!verify_proof(&secret(B), Role::Dialer, &n1, &n2, NodeId(7), &p));
+        assert!(!verify_proof(B, Role::Dialer, &n1, &n2, NodeId(7), &p));
     }
 
     proptest! {

@@ -661,14 +661,13 @@ impl PeerChannel {
             let message = {
                 let mut buffered =
                     Buffered { gauge: &self.metrics.inbound_buffered_bytes, held: 0 };
-                let body = read_body(stream, len, &mut buffered).await?;
-                let (signed, tag) = body.split_at(len - tag_bytes);
+                let mut body = read_body(stream, len, &mut buffered).await?;
                 if let Some(session) = session {
-                    if !session.verify(seq, signed, tag) {
+                    if !session.open(seq, &mut body) {
                         return Err(FrameError::BadTag);
                     }
                 }
-                decode_body::<PeerMessage>(signed)?
+                decode_body::<PeerMessage>(&body)?
             };
             seq += 1;
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
@@ -769,8 +768,8 @@ impl PeerChannel {
         }
     }
 
-    /// Drains the outbox onto an established connection, tagging each frame
-    /// with the session key and its sequence number. The acceptor never
+    /// Drains the outbox onto an established connection, sealing each frame
+    /// under the session key and its sequence number. The acceptor never
     /// writes after the handshake, so anything readable on `stream` means it
     /// closed the connection (say, after refusing a frame): the dialer then
     /// reconnects at once instead of writing into a dead socket.
@@ -794,14 +793,13 @@ impl PeerChannel {
                     ));
                 }
             }
-            for body in outbox.take(WRITE_BATCH_BYTES) {
-                let tag = session.map(|s| s.tag(seq, &body));
-                let len = body.len() + tag.map_or(0, |t| t.len());
+            for mut body in outbox.take(WRITE_BATCH_BYTES) {
+                if let Some(session) = session {
+                    session.seal(seq, &mut body);
+                }
+                let len = body.len();
                 writer.write_all(&(len as u32).to_be_bytes()).await?;
                 writer.write_all(&body).await?;
-                if let Some(tag) = tag {
-                    writer.write_all(&tag).await?;
-                }
                 seq += 1;
                 self.metrics.bytes_sent.fetch_add(len as u64 + 4, Ordering::Relaxed);
             }
