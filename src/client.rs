@@ -181,7 +181,35 @@ fn percent_encode(segment: &str) -> String {
     out
 }
 
-/// One line per member of a `/v1/cluster` answer, the answering node first.
+/// The non-zero refusal counts of a `/v1/cluster` answer on one line, with a
+/// hint when a secret mismatch is among them; `None` when nothing was refused.
+fn refusals_line(refusals: &Json) -> Option<String> {
+    let mut parts = Vec::new();
+    let mut collect = |what: &str, counts: &Json| {
+        for (kind, n) in counts.as_object().into_iter().flatten() {
+            if n.as_u64().is_some_and(|n| n > 0) {
+                parts.push(format!("{what} {kind}={n}"));
+            }
+        }
+    };
+    collect("peer handshakes", &refusals["peer_handshakes"]);
+    collect("gossip", &refusals["gossip"]);
+    for (what, name) in [("peer frames", "peer_frames"), ("remote states", "remote_states")] {
+        if refusals[name].as_u64().is_some_and(|n| n > 0) {
+            parts.push(format!("{what}={}", refusals[name]));
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    let mismatch =
+        parts.iter().any(|p| p.contains("wrong_secret") || p.contains("secret_mismatch"));
+    let hint = if mismatch { " (a node with another --cluster-secret?)" } else { "" };
+    Some(format!("refused since start: {}{hint}", parts.join(", ")))
+}
+
+/// One line per member of a `/v1/cluster` answer, the answering node first,
+/// then what the node refused from others, if anything.
 fn print_members(cluster: &Json) {
     let field = |m: &Json, name: &str| match &m[name] {
         Json::String(text) => text.clone(),
@@ -205,6 +233,9 @@ fn print_members(cluster: &Json) {
             field(member, "gossip_addr"),
             field(member, "peer_addr"),
         );
+    }
+    if let Some(line) = refusals_line(&cluster["refusals"]) {
+        println!("{line}");
     }
 }
 

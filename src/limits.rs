@@ -1,4 +1,4 @@
-//! Every bound the node enforces, with its default (DESIGN.md §8).
+//! Every bound the node enforces, with its default (the design's limits table).
 //!
 //! A request that crosses a bound is refused with a typed error and changes
 //! nothing. Defaults are the design's; every field can be set through [`Config`]
@@ -38,6 +38,17 @@ pub struct Limits {
     /// what the replica has seen); the bound guards against peers and against
     /// history piling up, and is crossed with `409 limit_exceeded`.
     pub context_entries_max: usize,
+    /// Time a client has to send a request's headers (and, on a keep-alive
+    /// connection, the longest idle wait for the next request); past it the
+    /// connection is closed.
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's whole body once its headers
+    /// arrived; past it the request is answered `408 body_timeout` and the
+    /// connection closed. No in-flight permit is held meanwhile.
+    pub body_read_timeout: Duration,
+    /// HTTP connections open at once from one client IP address; more are
+    /// closed at once.
+    pub http_connections_per_ip_max: usize,
 }
 
 impl Limits {
@@ -65,6 +76,12 @@ impl Limits {
     pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
     /// Default entries of a key's stored context.
     pub const CONTEXT_ENTRIES_MAX: usize = calmkv_crdts::Limits::CONTEXT_ENTRIES_MAX;
+    /// Default header read timeout.
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default body read timeout.
+    pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default HTTP connections per client IP.
+    pub const HTTP_CONNECTIONS_PER_IP_MAX: usize = 256;
 
     /// Checks that the bounds can work together: every count at least 1, a value
     /// smaller than a request body, a member no larger than a value.
@@ -81,6 +98,7 @@ impl Limits {
             ("scan_page_max", self.scan_page_max),
             ("context_bytes_max", self.context_bytes_max),
             ("context_entries_max", self.context_entries_max),
+            ("http_connections_per_ip_max", self.http_connections_per_ip_max),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(format!("{name} must be at least 1"));
@@ -91,8 +109,19 @@ impl Limits {
         if self.member_bytes_max > self.value_bytes_max {
             return Err("member_bytes_max must not exceed value_bytes_max".into());
         }
-        if self.request_timeout.is_zero() {
-            return Err("request_timeout must be longer than zero".into());
+        if self.map_depth_max > MAP_DEPTH_MAX_ON_THE_WIRE {
+            return Err(format!(
+                "map_depth_max must be at most {MAP_DEPTH_MAX_ON_THE_WIRE}: deeper states \
+                 would not fit the nesting bound of peer frames"
+            ));
+        }
+        let times = [
+            ("request_timeout", self.request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+        ];
+        if let Some((name, _)) = times.iter().find(|(_, t)| t.is_zero()) {
+            return Err(format!("{name} must be longer than zero"));
         }
         Ok(())
     }
@@ -109,6 +138,16 @@ impl Limits {
         }
     }
 }
+
+/// Deepest map nesting a peer frame can carry (see
+/// [`FRAME_NESTING_MAX`](crate::replication::frame::FRAME_NESTING_MAX)).
+pub const MAP_DEPTH_MAX_ON_THE_WIRE: usize = {
+    use crate::replication::frame::{
+        FRAME_NESTING_MAX, FRAME_NESTING_OVERHEAD, FRAME_NESTING_PER_MAP_LEVEL,
+    };
+    (FRAME_NESTING_MAX - FRAME_NESTING_OVERHEAD) / FRAME_NESTING_PER_MAP_LEVEL
+};
+const _: () = assert!(Limits::MAP_DEPTH_MAX <= MAP_DEPTH_MAX_ON_THE_WIRE);
 
 // A value must fit in a request body with room for the request around it.
 const _: () = assert!(Limits::VALUE_BYTES_MAX < Limits::BODY_BYTES_MAX);
@@ -129,6 +168,9 @@ impl Default for Limits {
             request_timeout: Self::REQUEST_TIMEOUT,
             context_bytes_max: Self::CONTEXT_BYTES_MAX,
             context_entries_max: Self::CONTEXT_ENTRIES_MAX,
+            header_read_timeout: Self::HEADER_READ_TIMEOUT,
+            body_read_timeout: Self::BODY_READ_TIMEOUT,
+            http_connections_per_ip_max: Self::HTTP_CONNECTIONS_PER_IP_MAX,
         }
     }
 }

@@ -222,6 +222,17 @@ struct ServeArgs {
     /// Time a request may take before it is answered 503 timeout, in milliseconds.
     #[arg(long, env = "CALMKV_REQUEST_TIMEOUT_MS", default_value_t = Limits::REQUEST_TIMEOUT.as_millis() as u64)]
     request_timeout_ms: u64,
+    /// Time a client has to send a request's headers, and the longest idle
+    /// wait on a keep-alive connection, in milliseconds; then it is closed.
+    #[arg(long, env = "CALMKV_HEADER_READ_TIMEOUT_MS", default_value_t = Limits::HEADER_READ_TIMEOUT.as_millis() as u64)]
+    header_read_timeout_ms: u64,
+    /// Time a client has to send a request's body, in milliseconds; then it is
+    /// answered 408 body_timeout and the connection closed.
+    #[arg(long, env = "CALMKV_BODY_READ_TIMEOUT_MS", default_value_t = Limits::BODY_READ_TIMEOUT.as_millis() as u64)]
+    body_read_timeout_ms: u64,
+    /// HTTP connections open at once from one client IP; more are closed at once.
+    #[arg(long, env = "CALMKV_MAX_CONNECTIONS_PER_IP", default_value_t = Limits::HTTP_CONNECTIONS_PER_IP_MAX)]
+    max_connections_per_ip: usize,
     /// Invariant declarations (TOML) to enforce; see docs/invariants.md.
     #[arg(long, env = "CALMKV_INVARIANTS")]
     invariants: Option<PathBuf>,
@@ -235,8 +246,11 @@ struct ServeArgs {
     /// Gossip addresses of cluster members to join through, comma-separated.
     #[arg(long, env = "CALMKV_JOIN", value_delimiter = ',')]
     join: Vec<String>,
-    /// Shared secret (at least 16 bytes) that authenticates gossip packets and
-    /// peer frames; every member needs the same one.
+    /// Shared secret (at least 16 bytes) that authenticates and encrypts gossip
+    /// packets, peer connections and quorum frames; every member needs it.
+    /// Several, comma-separated, make a keyring for rotation: the first seals,
+    /// every one opens. Without it, the peer, gossip and quorum listeners may
+    /// bind to loopback addresses only.
     #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
     /// The quorum group's voters, by quorum address, comma-separated, the same
@@ -278,8 +292,12 @@ impl ServeArgs {
             siblings_max: self.max_siblings,
             in_flight_requests_max: self.max_in_flight,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
+            http_connections_per_ip_max: self.max_connections_per_ip,
             ..Limits::default()
         };
+        limits.validate().map_err(|reason| anyhow::anyhow!("invalid limits: {reason}"))?;
         let invariants = match &self.invariants {
             Some(path) => Invariants::load(path)?,
             None => Invariants::none(),
@@ -299,10 +317,9 @@ impl ServeArgs {
         config.auth_token = self.auth_token.clone();
         config.peer_addr = self.peer_addr.clone();
         if let Some(secret) = &self.cluster_secret {
-            config.cluster_secret = Some(
-                ClusterSecret::new(secret.as_bytes())
-                    .context("--cluster-secret must be at least 16 bytes")?,
-            );
+            config.cluster_secret = Some(ClusterSecret::parse(secret).context(
+                "--cluster-secret takes 1 to 8 comma-separated secrets of at least 16 bytes each",
+            )?);
         }
         if self.quorum_addr.is_some() && self.voters.is_empty() {
             bail!("--quorum-addr needs --voters");

@@ -138,6 +138,20 @@ pub enum ServerError {
     /// The quorum group could not start.
     #[error(transparent)]
     Quorum(#[from] QuorumError),
+    /// A cluster listener would be reachable from other hosts without a
+    /// cluster secret: anyone reaching it could write to every node. Nothing
+    /// was opened or bound.
+    #[error(
+        "refusing to listen for {listener} traffic on {addr} without a cluster secret: \
+         anyone who reaches it could change data on every node. Set --cluster-secret \
+         (the same secret on every node), or bind {listener} to a loopback address"
+    )]
+    Unprotected {
+        /// Which listener: `peer`, `gossip` or `quorum`.
+        listener: &'static str,
+        /// The address asked for.
+        addr: String,
+    },
 }
 
 /// A running node.
@@ -162,6 +176,7 @@ async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
 impl Server {
     /// Opens the node and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        check_protected(&config).await?;
         let node_config = config.node.clone();
         let node = match tokio::task::spawn_blocking(move || node_config.open_node()).await {
             Ok(node) => Arc::new(node?),
@@ -310,6 +325,31 @@ impl Drop for Server {
     }
 }
 
+/// Protected mode: without a cluster secret, the peer, gossip and quorum
+/// listeners may only bind to loopback addresses (every address a name
+/// resolves to must be loopback). Runs before anything is opened or bound.
+async fn check_protected(config: &ServerConfig) -> Result<(), ServerError> {
+    if config.cluster_secret.is_some() {
+        return Ok(());
+    }
+    let listeners = [
+        ("peer", config.peer_addr.as_deref()),
+        ("gossip", config.gossip.as_ref().map(|g| g.addr.as_str())),
+        ("quorum", config.quorum.as_ref().and_then(|q| q.listen.as_deref())),
+    ];
+    for (listener, addr) in listeners {
+        let Some(addr) = addr else { continue };
+        let resolved: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?
+            .collect();
+        if resolved.is_empty() || resolved.iter().any(|a| !a.ip().is_loopback()) {
+            return Err(ServerError::Unprotected { listener, addr: addr.to_string() });
+        }
+    }
+    Ok(())
+}
+
 async fn start_quorum(
     config: &ServerConfig,
     options: &QuorumOptions,
@@ -355,6 +395,8 @@ async fn start_gossip(
     settings.state_path =
         (!config.node.in_memory).then(|| config.node.data_dir.join("gossip.state"));
     settings.cluster_secret = config.cluster_secret.as_ref().map(|s| s.as_bytes().to_vec());
+    settings.accepted_secrets =
+        config.cluster_secret.iter().flat_map(|s| s.all().skip(1).map(<[u8]>::to_vec)).collect();
     Membership::start(settings, Arc::new(transport)).await.map_err(ServerError::Gossip)
 }
 

@@ -5,6 +5,7 @@
 
 use calmkv::replication::cluster::{Cluster, ClusterError, WriteQuorum};
 use calmkv::replication::frame::{encode_frame, ClusterSecret};
+use calmkv::replication::handshake::Hello;
 use calmkv::replication::harvest::Consistency;
 use calmkv::replication::message::PeerMessage;
 use calmkv::replication::outbox::OUTBOX_BYTES_MAX;
@@ -187,15 +188,22 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     let secret = ClusterSecret::new(*b"the cluster secret for the tests").unwrap();
     let nodes = cluster(2, Some(secret)).await;
     let target = &nodes[0];
-    let refused = || target.cluster.channel().metrics().frames_refused.load(Ordering::Relaxed);
+    let refused = || {
+        let metrics = target.cluster.channel().metrics();
+        let handshakes: u64 = metrics.handshakes_refused().iter().map(|(_, n)| n).sum();
+        handshakes + metrics.frames_refused.load(Ordering::Relaxed)
+    };
     let wrong = ClusterSecret::new(*b"some other secret, not the right").unwrap();
-    let hello = PeerMessage::Hello { from: 99 };
+    let deltas = PeerMessage::Deltas { deltas: vec![], ack: None };
+    let mut claimed = Hello::new(calmkv_crdts::NodeId(99), true).encode().to_vec();
+    claimed.extend_from_slice(&[0u8; 32]); // a proof made without the secret
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\x00\x00\x00\x05hello".to_vec()),
         ("oversized length", u32::MAX.to_be_bytes().to_vec()),
-        ("truncated body", b"\x00\x00\x00\x40abc".to_vec()),
-        ("unauthenticated", encode_frame(&hello, None).unwrap()),
-        ("wrong secret", encode_frame(&hello, Some(&wrong)).unwrap()),
+        ("truncated hello", b"CKVP\x02".to_vec()),
+        ("a frame instead of a handshake", encode_frame(&deltas, None).unwrap()),
+        ("a frame tagged with another secret", encode_frame(&deltas, Some(&wrong)).unwrap()),
+        ("a hello claiming an id, with a forged proof", claimed),
     ];
     for (i, (what, bytes)) in attacks.into_iter().enumerate() {
         let mut stream = TcpStream::connect(target.addr).await.unwrap();

@@ -476,11 +476,19 @@ async fn past_the_in_flight_limit_a_request_is_shed_with_503_overloaded_and_retr
     let limits = Limits { in_flight_requests_max: 1, ..Limits::default() };
     let server = TestServer::builder().limits(limits).start().await;
 
-    // A PUT whose body has not finished holds the only permit.
+    // A PUT whose body has not finished holds no permit: it is not served yet.
     let (held, body) = HeldBody::new();
     let first = tokio::spawn(server.put("/v1/kv/slow").body(body).send());
-    wait_until("the first request holds the permit", || server.state().in_flight_requests() == 1)
-        .await;
+    let connections = server.state().connections().clone();
+    wait_until("the first request's body is being read", || {
+        connections.reading_bodies.load(std::sync::atomic::Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(server.state().in_flight_requests(), 0);
+    assert_eq!(send(server.get("/v1/kv/other")).await.status(), StatusCode::NOT_FOUND);
+    // A request being served holds the only permit.
+    let permit = server.state().take_in_flight_permit().expect("a free permit");
+    assert_eq!(server.state().in_flight_requests(), 1);
 
     for request in [server.get("/v1/kv/slow"), server.get("/metrics"), server.get("/v1/cluster")] {
         let shed = send(request).await;
@@ -491,6 +499,7 @@ async fn past_the_in_flight_limit_a_request_is_shed_with_503_overloaded_and_retr
     assert_eq!(send(server.get("/healthz")).await.status(), StatusCode::OK);
     assert_eq!(send(server.get("/readyz")).await.status(), StatusCode::OK);
 
+    drop(permit);
     held.finish("done").await;
     let first = first.await.expect("the task does not panic").expect("the first request");
     assert_eq!(first.status(), StatusCode::NO_CONTENT);
@@ -504,9 +513,9 @@ async fn past_the_in_flight_limit_a_request_is_shed_with_503_overloaded_and_retr
 }
 
 #[tokio::test]
-async fn a_request_past_the_timeout_is_answered_503_timeout_and_writes_nothing() {
+async fn a_body_past_the_body_read_timeout_is_answered_408_and_writes_nothing() {
     let timeout = Duration::from_millis(300);
-    let limits = Limits { request_timeout: timeout, ..Limits::default() };
+    let limits = Limits { body_read_timeout: timeout, ..Limits::default() };
     let server = TestServer::builder().limits(limits).start().await;
 
     // A body that never completes.
@@ -514,15 +523,15 @@ async fn a_request_past_the_timeout_is_answered_503_timeout_and_writes_nothing()
     let started = Instant::now();
     let response = send(server.put("/v1/kv/never").body(body)).await;
     assert!(started.elapsed() >= timeout, "answered after {:?}", started.elapsed());
-    assert_eq!(header(&response, "retry-after"), Some("1"));
-    assert_eq!(error_of(response).await, (StatusCode::SERVICE_UNAVAILABLE, "timeout".into()));
+    assert_eq!(header(&response, "connection"), Some("close"));
+    assert_eq!(error_of(response).await, (StatusCode::REQUEST_TIMEOUT, "body_timeout".into()));
     drop(held);
 
-    assert_eq!(server.state().in_flight_requests(), 0, "the timed-out request left its permit");
+    assert_eq!(server.state().in_flight_requests(), 0, "a waiting body never held a permit");
     let absent = send(server.get("/v1/kv/never")).await;
     assert_eq!(error_of(absent).await, (StatusCode::NOT_FOUND, "not_found".into()));
     let metrics = send(server.get("/metrics")).await.text().await.unwrap();
-    assert!(metrics.lines().any(|l| l == "calmkv_http_requests_timed_out_total 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "calmkv_http_body_timeouts_total 1"), "{metrics}");
     server.stop().await;
 }
 

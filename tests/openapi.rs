@@ -178,7 +178,7 @@ fn every_node_error() -> Vec<NodeError> {
 /// One error of every variant of [`ApiError`] (every [`NodeError`] among them);
 /// a new variant breaks the match in `api_variant`, as above.
 fn every_api_error() -> Vec<ApiError> {
-    const API_VARIANTS: usize = 10;
+    const API_VARIANTS: usize = 11;
     fn api_variant(error: &ApiError) -> usize {
         match error {
             ApiError::Node(_) => 0,
@@ -191,6 +191,7 @@ fn every_api_error() -> Vec<ApiError> {
             ApiError::MethodNotAllowed => 7,
             ApiError::InsufficientHarvest { .. } => 8,
             ApiError::InsufficientReplicas { .. } => 9,
+            ApiError::BodyTimeout { .. } => 10,
         }
     }
     let mut samples: Vec<ApiError> = every_node_error().into_iter().map(ApiError::Node).collect();
@@ -204,6 +205,7 @@ fn every_api_error() -> Vec<ApiError> {
         ApiError::MethodNotAllowed,
         ApiError::InsufficientHarvest { harvest: "0.33 (1/3)".into() },
         ApiError::InsufficientReplicas { acked: 1, wanted: 3 },
+        ApiError::BodyTimeout { timeout_ms: 1 },
     ]);
     let covered: BTreeSet<usize> = samples.iter().map(api_variant).collect();
     assert_eq!(covered, (0..API_VARIANTS).collect(), "an ApiError variant has no sample");
@@ -228,6 +230,7 @@ fn every_error_code_the_api_produces_is_in_the_spec_with_its_design_status() {
         ("not_found", 404),
         ("method_not_allowed", 405),
         ("timeout", 503),
+        ("body_timeout", 408),
         ("insufficient_harvest", 503),
         ("insufficient_replicas", 503),
         ("idempotency_key_reused", 422),

@@ -33,6 +33,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 /// Pause after a transient receive error, so a socket stuck in an error
 /// state cannot spin the receive task.
 const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// Least time between two warnings about packets that fail authentication.
+const AUTH_WARNING_PERIOD: Duration = Duration::from_secs(10);
 
 /// Requests from the handle.
 #[derive(Debug)]
@@ -395,9 +397,10 @@ pub(crate) async fn receive_loop<T: Transport>(
 ) {
     // One byte more than the limit, to tell an oversize datagram apart.
     let mut buf = vec![0u8; GOSSIP_PACKET_BYTES_MAX + 1];
+    let mut auth_warned: Option<tokio::time::Instant> = None;
     loop {
-        let len = match transport.recv_from(&mut buf).await {
-            Ok((len, _from)) => len,
+        let (len, from) = match transport.recv_from(&mut buf).await {
+            Ok(received) => received,
             Err(e) if e.kind() == std::io::ErrorKind::NotConnected => return,
             Err(e) => {
                 bump(&metrics.recv_errors);
@@ -418,12 +421,24 @@ pub(crate) async fn receive_loop<T: Transport>(
                 Some(payload) => payload,
                 None => {
                     bump(&metrics.dropped_auth);
+                    // Loud, since a node with another secret otherwise runs
+                    // alone in silence; at most one line per period.
+                    let now = tokio::time::Instant::now();
+                    if auth_warned.is_none_or(|at| now - at >= AUTH_WARNING_PERIOD) {
+                        auth_warned = Some(now);
+                        tracing::warn!(
+                            %from,
+                            refused_so_far = metrics.dropped_auth.load(std::sync::atomic::Ordering::Relaxed),
+                            "gossip packet failed authentication: check that every node has \
+                             the same --cluster-secret"
+                        );
+                    }
                     continue;
                 }
             },
-            None => packet,
+            None => packet.to_vec(),
         };
-        match inbox.try_send(payload.to_vec()) {
+        match inbox.try_send(payload) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => bump(&metrics.dropped_inbox_full),
             Err(mpsc::error::TrySendError::Closed(_)) => return,

@@ -3,7 +3,7 @@
 //! ```text
 //! packet = WIRE_VERSION | header (MessagePack array)
 //!          [ u16 count (foca) | member (MessagePack array) * count ]
-//!          [ 32-byte HMAC tag, see `auth` ]
+//! sealed, with a cluster secret, as nonce | ciphertext | tag (see `auth`)
 //! ```
 //!
 //! MessagePack *arrays* (`rmp_serde::encode::write`, not `to_vec_named`):

@@ -6,7 +6,7 @@
 //! - [`identity`]: [`NodeIdentity`] (node id, gossip address, per-boot bump,
 //!   [`NodeMeta`]) and foca's `Identity` rules for it.
 //! - [`codec`]: the versioned, compact MessagePack wire format of packets.
-//! - [`auth`]: HMAC-SHA256 tags on packets when a cluster secret is set.
+//! - [`auth`]: packets sealed with XChaCha20-Poly1305 when a cluster secret is set.
 //! - [`transport`]: the [`Transport`] trait and [`UdpTransport`].
 //! - [`mem_network`]: an in-memory network (loss, partitions) for tests.
 //! - `timers`: the loop's timer queue (never drops, never reorders).
@@ -60,9 +60,9 @@ pub use membership::{lan_swim_config, GossipConfig, GossipError, MembersWatch, M
 pub use metrics::{GossipMetrics, MetricsSnapshot};
 pub use transport::{SendError, Transport, UdpTransport};
 
-/// Largest gossip datagram sent or accepted, tag included (DESIGN.md §8):
+/// Largest gossip datagram sent or accepted, nonce and tag included:
 /// below a 1,500-byte Ethernet MTU after IP and UDP headers, so packets are
 /// never fragmented. Larger datagrams are dropped and counted.
 pub const GOSSIP_PACKET_BYTES_MAX: usize = 1400;
 
-const _: () = assert!(GOSSIP_PACKET_BYTES_MAX > auth::TAG_BYTES + 512);
+const _: () = assert!(GOSSIP_PACKET_BYTES_MAX > auth::SEAL_BYTES + 512);

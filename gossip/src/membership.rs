@@ -3,7 +3,7 @@
 //! metrics.
 
 use crate::agent::{self, Agent, Command};
-use crate::auth::{PacketAuth, TAG_BYTES};
+use crate::auth::{PacketAuth, SEAL_BYTES};
 use crate::events::{EventStream, MemberInfo, MemberState, Subscribers};
 use crate::identity::{NodeIdentity, NodeMeta};
 use crate::metrics::{GossipMetrics, MetricsSnapshot};
@@ -61,8 +61,12 @@ pub struct GossipConfig {
     pub seeds: Vec<SocketAddr>,
     /// Where to persist the membership state; `None` keeps it in memory only.
     pub state_path: Option<PathBuf>,
-    /// With a secret, every packet is authenticated (HMAC-SHA256).
+    /// With a secret, every packet is encrypted and authenticated
+    /// (XChaCha20-Poly1305 under a key derived from it).
     pub cluster_secret: Option<Vec<u8>>,
+    /// Further secrets packets may be sealed with (rotation): accepted when
+    /// opening, never used to seal. Needs `cluster_secret`.
+    pub accepted_secrets: Vec<Vec<u8>>,
     /// SWIM parameters; `max_packet_size` is overridden with
     /// [`GOSSIP_PACKET_BYTES_MAX`] minus the tag, if any.
     pub swim: foca::Config,
@@ -85,6 +89,7 @@ impl GossipConfig {
             seeds: Vec::new(),
             state_path: None,
             cluster_secret: None,
+            accepted_secrets: Vec::new(),
             swim: lan_swim_config(),
             join_retry_interval: Duration::from_secs(1),
             state_write_interval: Duration::from_secs(1),
@@ -104,8 +109,12 @@ impl GossipConfig {
         if self.join_retry_interval.is_zero() || self.state_write_interval.is_zero() {
             return invalid("intervals must be non-zero");
         }
-        if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
+        let mut secrets = self.cluster_secret.iter().chain(&self.accepted_secrets);
+        if secrets.any(|s| s.len() < 16) {
             return invalid("cluster secret must be at least 16 bytes");
+        }
+        if self.cluster_secret.is_none() && !self.accepted_secrets.is_empty() {
+            return invalid("accepted secrets need a cluster secret to seal with");
         }
         Ok(())
     }
@@ -247,17 +256,20 @@ impl Membership {
             .unwrap_or_default();
 
         let mut swim = config.swim.clone();
-        // foca's limit is the payload's: the tag, when there is one, must fit too.
-        let tag_bytes = if config.cluster_secret.is_some() { TAG_BYTES } else { 0 };
+        // foca's limit is the payload's: nonce and tag, when sealed, must fit too.
+        let seal_bytes = if config.cluster_secret.is_some() { SEAL_BYTES } else { 0 };
         swim.max_packet_size =
-            NonZeroUsize::new(GOSSIP_PACKET_BYTES_MAX - tag_bytes).expect("limit above tag size");
+            NonZeroUsize::new(GOSSIP_PACKET_BYTES_MAX - seal_bytes).expect("limit above seal size");
         let metrics = Arc::new(GossipMetrics::default());
         let subscribers = Subscribers::default();
         let (view_tx, view_rx) = watch::channel(Arc::new(Vec::new()));
         let (identity_tx, identity_rx) = watch::channel(identity);
         let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_PACKETS_MAX);
-        let auth = config.cluster_secret.as_deref().map(PacketAuth::new);
+        let auth = config
+            .cluster_secret
+            .as_deref()
+            .map(|first| PacketAuth::keyring(first, &config.accepted_secrets));
 
         let mut agent = Agent::new(agent::AgentParts {
             identity,

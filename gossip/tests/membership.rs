@@ -176,8 +176,9 @@ async fn bad_packets_are_dropped_and_counted_and_the_node_keeps_working() {
         .find(|d| d.to == target)
         .expect("node 1 received packets")
         .bytes;
-    let payload = &real[..real.len() - calmkv_gossip::auth::TAG_BYTES];
     let right = PacketAuth::new(&secret);
+    let payload = right.open(&real).expect("a real packet opens");
+    let payload = payload.as_slice();
     let wrong = PacketAuth::new(b"not the cluster secret at all");
     let sealed = |auth: &PacketAuth, bytes: &[u8]| {
         let mut packet = bytes.to_vec();
@@ -195,7 +196,10 @@ async fn bad_packets_are_dropped_and_counted_and_the_node_keeps_working() {
     inject(sealed(&wrong, payload));
     inject(garbage.clone());
     // Size: one byte over the limit, even if correctly sealed.
-    inject(sealed(&right, &vec![0u8; GOSSIP_PACKET_BYTES_MAX + 1 - 32]));
+    inject(sealed(
+        &right,
+        &vec![0u8; GOSSIP_PACKET_BYTES_MAX + 1 - calmkv_gossip::auth::SEAL_BYTES],
+    ));
     // Authenticated but undecodable: garbage, a truncated real payload, empty.
     inject(sealed(&right, &garbage));
     inject(sealed(&right, &payload[..payload.len() / 2]));

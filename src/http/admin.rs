@@ -36,7 +36,10 @@ pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::V
             "state": "alive", "incarnation": 0,
         });
         let quorum = state.cluster().coordinator().map(|c| c.status());
-        return Json(json!({ "node": me, "members": [me], "quorum": quorum }));
+        let refusals = refusals(&state);
+        return Json(
+            json!({ "node": me, "members": [me], "quorum": quorum, "refusals": refusals }),
+        );
     };
     let me = watch.identity();
     let describe = |identity: &calmkv_gossip::NodeIdentity, swim: &str, incarnation: u16| {
@@ -68,7 +71,37 @@ pub(super) async fn cluster(State(state): State<AppState>) -> Json<serde_json::V
         members.push(describe(&member.identity, swim, member.incarnation));
     }
     let quorum = state.cluster().coordinator().map(|c| c.status());
-    Json(json!({ "node": node, "members": members, "quorum": quorum }))
+    let refusals = refusals(&state);
+    Json(json!({ "node": node, "members": members, "quorum": quorum, "refusals": refusals }))
+}
+
+/// What this node refused from other nodes since it started: peer handshakes
+/// by kind (`wrong_secret` means another node holds another cluster secret),
+/// peer frames, remote states past a limit, and gossip packets (`null` when
+/// the node does not gossip). A node that refuses a peer runs without it, so
+/// these numbers are where a misconfigured secret shows.
+fn refusals(state: &AppState) -> serde_json::Value {
+    let metrics = state.cluster().channel().metrics();
+    let handshakes: serde_json::Map<String, serde_json::Value> = metrics
+        .handshakes_refused()
+        .into_iter()
+        .map(|(kind, n)| (kind.name().to_string(), json!(n)))
+        .collect();
+    let gossip = state.cluster().membership().map(|watch| {
+        let m = watch.metrics();
+        json!({
+            "wrong_secret": m.dropped_auth,
+            "oversized": m.dropped_size,
+            "undecodable": m.decode_errors,
+            "refused": m.protocol_errors,
+        })
+    });
+    json!({
+        "peer_handshakes": handshakes,
+        "peer_frames": metrics.frames_refused.load(std::sync::atomic::Ordering::Relaxed),
+        "remote_states": metrics.states_refused.load(std::sync::atomic::Ordering::Relaxed),
+        "gossip": gossip,
+    })
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -88,6 +121,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
         "HTTP requests being served (this one included), bounded by the in-flight limit.",
         state.in_flight_requests() as f64,
     ));
+    gauges.extend(state.connections().exposition());
     let channel = state.cluster().channel();
     gauges.extend(channel.metrics().exposition());
     gauges.push(("calmkv_peers", "Peers this node replicates to.", channel.peers().len() as f64));

@@ -1,5 +1,5 @@
 //! HTTP errors: every refusal as `{"error":{"code":"...","message":"..."}}` with a
-//! stable code and its status (DESIGN.md §7), mapped in one place.
+//! stable code and its status (the design's public contract), mapped in one place.
 
 use crate::replication::cluster::ClusterError;
 use crate::NodeError;
@@ -27,6 +27,12 @@ pub enum ApiError {
     BodyTooLarge {
         /// The limit.
         max: usize,
+    },
+    /// The request body did not arrive within the body read timeout.
+    #[error("the request body did not arrive within {timeout_ms} ms")]
+    BodyTimeout {
+        /// The timeout.
+        timeout_ms: u128,
     },
     /// No such key, or no such route.
     #[error("{what} not found")]
@@ -76,6 +82,7 @@ impl ApiError {
             ApiError::Node(e) => (node_status(e), e.code()),
             ApiError::BadRequest { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),

@@ -1,11 +1,24 @@
-//! The HTTP API (DESIGN.md §7) on axum.
+//! The HTTP API (the design's public contract) on axum, served by our own
+//! accept loop on hyper.
 //!
 //! Handlers only translate: they parse a request into an [`Op`](crate::Op) or a
 //! read, call the [`Node`] on the blocking pool (a write waits for its fsync), and
-//! render the answer. Around them, outermost first: metrics per route, load
-//! shedding (at most `in_flight_requests_max` requests at once, the rest answered
-//! `503 overloaded` at once, never queued) with the request timeout, and the
-//! optional bearer token. `/healthz` and `/readyz` skip shedding and the token.
+//! render the answer. Bounded before trusted, outermost first:
+//!
+//! 1. the accept loop: at most `http_connections_per_ip_max` connections per
+//!    client IP (more are closed at once), and a connection that does not send
+//!    a request's headers within `header_read_timeout` is closed;
+//! 2. metrics per route;
+//! 3. the optional bearer token;
+//! 4. the body is read whole within `body_read_timeout` (a slow body is
+//!    answered `408 body_timeout` and its connection closed) and within
+//!    `body_bytes_max`;
+//! 5. load shedding: only then does a request take one of the
+//!    `in_flight_requests_max` permits (the rest are answered `503 overloaded`
+//!    at once, never queued), held through the handler under the request
+//!    timeout. A client that sends headers and no body holds no permit.
+//!
+//! `/healthz` and `/readyz` skip shedding and the token.
 
 mod admin;
 mod error;
@@ -19,15 +32,18 @@ use crate::replication::cluster::Cluster;
 use crate::replication::outbox::OUTBOX_BYTES_MAX;
 use crate::replication::peer::PeerChannel;
 use crate::{Key, Node};
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, Method, Uri};
+use axum::http::{header, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -48,6 +64,78 @@ struct Inner {
     auth_token: Option<String>,
     in_flight: Arc<Semaphore>,
     http_addr: String,
+    connections: Arc<Connections>,
+}
+
+/// Open HTTP connections per client IP, and the counters of the bounds the
+/// accept loop and the body reader enforce.
+#[derive(Debug, Default)]
+pub struct Connections {
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections closed at once: their client IP had too many open.
+    pub refused: AtomicU64,
+    /// Requests answered `408 body_timeout`.
+    pub body_timeouts: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Requests whose body is being read now (holding no in-flight permit).
+    pub reading_bodies: AtomicU64,
+}
+
+/// A connection's place in [`Connections`], given back when dropped.
+struct ConnectionSlot {
+    connections: Arc<Connections>,
+    ip: IpAddr,
+}
+
+impl Connections {
+    fn take(self: &Arc<Self>, ip: IpAddr, per_ip_max: usize) -> Option<ConnectionSlot> {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let open = per_ip.entry(ip).or_insert(0);
+        if *open >= per_ip_max {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *open += 1;
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(ConnectionSlot { connections: self.clone(), ip })
+    }
+
+    /// The counters as Prometheus metrics: (name, help, value).
+    pub fn exposition(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        vec![
+            ("calmkv_http_connections_open", "HTTP connections open now.", get(&self.open)),
+            (
+                "calmkv_http_connections_refused_total",
+                "HTTP connections closed at once: their client IP had too many open.",
+                get(&self.refused),
+            ),
+            (
+                "calmkv_http_body_timeouts_total",
+                "Requests whose body did not arrive within the body read timeout.",
+                get(&self.body_timeouts),
+            ),
+            (
+                "calmkv_http_bodies_reading",
+                "Requests whose body is being read now; they hold no in-flight permit.",
+                get(&self.reading_bodies),
+            ),
+        ]
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.connections.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = per_ip.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        self.connections.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Settings of the HTTP face.
@@ -76,8 +164,17 @@ impl AppState {
         let in_flight = Arc::new(Semaphore::new(node.limits().in_flight_requests_max));
         let auth_token = config.auth_token.filter(|t| !t.is_empty());
         let http_addr = config.http_addr;
+        let connections = Arc::new(Connections::default());
         AppState {
-            inner: Arc::new(Inner { node, cluster, metrics, auth_token, in_flight, http_addr }),
+            inner: Arc::new(Inner {
+                node,
+                cluster,
+                metrics,
+                auth_token,
+                in_flight,
+                http_addr,
+                connections,
+            }),
         }
     }
 
@@ -87,6 +184,17 @@ impl AppState {
 
     fn node(&self) -> &Arc<Node> {
         &self.inner.node
+    }
+
+    /// The accept loop's connection counts and counters.
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.inner.connections
+    }
+
+    /// Takes one in-flight permit as a request would (held until dropped), e.g.
+    /// to hold the API at its bound in a test; `None` when none is free.
+    pub fn take_in_flight_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.in_flight.clone().try_acquire_owned().ok()
     }
 
     /// Requests holding an in-flight permit right now (at most
@@ -134,8 +242,9 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(unrouted)
         .layer(DefaultBodyLimit::max(state.node().limits().body_bytes_max))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), shed_and_time_out))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .with_state(state)
 }
@@ -147,7 +256,44 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    let limits = state.node().limits().clone();
+    let connections = state.connections().clone();
+    let service = hyper_util::service::TowerToHyperService::new(router(state));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::warn!(%error, "HTTP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = connections.take(remote.ip(), limits.http_connections_per_ip_max) else {
+            tracing::debug!(%remote, "too many HTTP connections from one client; closing one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let connection = graceful.watch(http.serve_connection(io, service.clone()));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%remote, %error, "HTTP connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Answers what no route matched. `/v1/kv/` is the key path with an empty key
@@ -172,6 +318,42 @@ async fn record(State(state): State<AppState>, request: Request, next: Next) -> 
     let status = response.status().as_u16();
     state.inner.metrics.record_request(&route, &method, status, started.elapsed());
     response
+}
+
+/// Reads the request body whole, within the body read timeout and the body
+/// limit, before the request takes an in-flight permit.
+async fn read_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limits = state.node().limits();
+    let (parts, body) = request.into_parts();
+    let timeout = limits.body_read_timeout;
+    let reading = &state.inner.connections.reading_bodies;
+    reading.fetch_add(1, Ordering::Relaxed);
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limits.body_bytes_max));
+    let read = read.await;
+    reading.fetch_sub(1, Ordering::Relaxed);
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|e| e.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                return ApiError::BodyTooLarge { max: limits.body_bytes_max }.into_response();
+            }
+            // The client broke the connection mid-body; nobody reads this.
+            return ApiError::BadRequest { reason: format!("cannot read the body: {error}") }
+                .into_response();
+        }
+        Err(_) => {
+            state.inner.connections.body_timeouts.fetch_add(1, Ordering::Relaxed);
+            let mut response =
+                ApiError::BodyTimeout { timeout_ms: timeout.as_millis() }.into_response();
+            // The rest of the body may still be on its way: the connection's
+            // framing cannot be trusted, so it closes after this answer.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
 }
 
 async fn shed_and_time_out(

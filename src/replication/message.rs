@@ -4,17 +4,11 @@ use super::anti_entropy::AntiEntropy;
 use crate::envelope::Envelope;
 use serde::{Deserialize, Serialize};
 
-/// One message of the peer protocol. Every message may be lost, duplicated or
+/// One message of the peer protocol, sent after the connection's handshake
+/// (which says who sent it). Every message may be lost, duplicated or
 /// reordered; every handler is idempotent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum PeerMessage {
-    /// The first frame on every connection: who is sending. Everything after it
-    /// on the connection is from that node; answers go back on the receiver's own
-    /// connection to it.
-    Hello {
-        /// The sending node.
-        from: u64,
-    },
     /// Deltas of local writes, to merge. With `ack`, the receiver answers
     /// [`PeerMessage::Acked`] once they are stored (for writes with `w > 1`).
     Deltas {

@@ -4,10 +4,12 @@
 //! outputs, so a deterministic simulator can drive them with any interleaving,
 //! loss or duplication, and the network layer only moves bytes.
 
+pub mod admission;
 pub mod anti_entropy;
 pub mod cluster;
 pub mod digest;
 pub mod frame;
+pub mod handshake;
 pub mod harvest;
 pub mod message;
 pub mod outbox;

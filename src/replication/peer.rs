@@ -1,33 +1,52 @@
 //! The peer channel: TCP connections that carry [`PeerMessage`] frames.
 //!
 //! Every node dials every peer it knows and writes only its own traffic on that
-//! connection (deltas, anti-entropy steps, reads and their answers), starting
-//! with [`PeerMessage::Hello`]. Connections it accepts are only read. So each
-//! direction between two nodes is one connection with one writer, and an answer
-//! travels on the answering node's own connection.
+//! connection (deltas, anti-entropy steps, reads and their answers). Connections
+//! it accepts are only read. So each direction between two nodes is one
+//! connection with one writer, and an answer travels on the answering node's
+//! own connection.
+//!
+//! Every connection starts with the fixed-size [`handshake`]: with a cluster
+//! secret, both ends prove they hold it, and the sender of every later frame is
+//! the node id the dialer proved. Until then an accepted connection is a
+//! stranger: it has [`PeerSettings::handshake_timeout`] to finish, at most
+//! [`HANDSHAKE_READ_BYTES`] are read from it, and it waits in a pool of
+//! [`PeerSettings::handshakes_max`] slots of its own, where a new stranger
+//! evicts the oldest; strangers never take the slots of authenticated peers
+//! ([`PeerSettings::inbound_connections_max`], one per peer id: a peer that
+//! reconnects replaces its old connection).
 //!
 //! A peer's traffic waits in its [`Outbox`]; the dialing task drains it and
 //! reconnects with backoff when the connection breaks. Frames lost with a broken
 //! connection, or dropped by a full outbox, are repaired by anti-entropy. A bad
 //! frame (oversized, unauthenticated, malformed) closes the connection it came on
-//! and is counted; the node keeps serving.
+//! and is counted; the node keeps serving. A frame's body is read as its bytes
+//! arrive, never allocated from its announced length, and the bytes held by
+//! unfinished frames are the `calmkv_peer_inbound_buffered_bytes` gauge.
+//!
+//! [`handshake`]: super::handshake
+//! [`HANDSHAKE_READ_BYTES`]: super::handshake::HANDSHAKE_READ_BYTES
 
-use super::anti_entropy;
-use super::frame::{decode_frame, encode_frame, frame_len, ClusterSecret, FrameError};
+use super::admission;
+use super::anti_entropy::{self, AntiEntropy};
+use super::frame::{
+    decode_body, encode_body, frame_len, ClusterSecret, FrameError, SessionKey, TAG_BYTES,
+};
+use super::handshake::{self, HandshakeError, RefusalKind};
 use super::message::PeerMessage;
 use super::outbox::Outbox;
 use crate::envelope::Envelope;
 use crate::op::Key;
 use crate::Node;
 use calmkv_crdts::NodeId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 /// Bytes written per batch from an outbox.
@@ -38,8 +57,37 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// Time allowed to open a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Accepted connections served at once; more are refused.
+/// Default authenticated inbound connections served at once (one per peer);
+/// more are refused.
 pub const INBOUND_CONNECTIONS_MAX: usize = 256;
+/// Default connections in their handshake at once; a new one evicts the oldest.
+pub const HANDSHAKES_MAX: usize = 64;
+/// Bytes a frame body is read by at a time: what one connection can make the
+/// node hold beyond what its peer really sent.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Least time between two log lines about refused handshakes.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
+/// Bounds of the peer channel's connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerSettings {
+    /// Time a connection has to finish its handshake.
+    pub handshake_timeout: Duration,
+    /// Connections in their handshake at once.
+    pub handshakes_max: usize,
+    /// Authenticated inbound connections at once.
+    pub inbound_connections_max: usize,
+}
+
+impl Default for PeerSettings {
+    fn default() -> Self {
+        PeerSettings {
+            handshake_timeout: handshake::HANDSHAKE_TIMEOUT,
+            handshakes_max: HANDSHAKES_MAX,
+            inbound_connections_max: INBOUND_CONNECTIONS_MAX,
+        }
+    }
+}
 
 /// A replica this node talks to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,13 +121,136 @@ pub struct PeerMetrics {
     pub keys_repaired: AtomicU64,
     /// Connections (re)established to peers.
     pub connects: AtomicU64,
+    /// Handshakes completed, either direction.
+    pub handshakes: AtomicU64,
+    /// Handshakes refused or abandoned, by [`RefusalKind`] (either direction).
+    handshakes_refused: [AtomicU64; RefusalKind::ALL.len()],
+    /// Authenticated connections refused because every slot was taken.
+    pub inbound_refused: AtomicU64,
+    /// Remote states refused for crossing a limit (see `admission`).
+    pub states_refused: AtomicU64,
+    /// Gauge: bytes held in frame bodies still being read.
+    pub inbound_buffered_bytes: AtomicU64,
+    /// Gauge: accepted connections still in their handshake.
+    pub handshakes_pending: AtomicU64,
+    /// Gauge: authenticated inbound connections.
+    pub inbound_connections: AtomicU64,
+    /// When a refused handshake was last logged (see [`log_due`]).
+    refusal_logged_ms: AtomicU64,
+    /// When a refused state was last logged.
+    state_refusal_logged_ms: AtomicU64,
+}
+
+/// Whether a rate-limited log line is due: at most one per
+/// [`REFUSAL_LOG_PERIOD`] per `slot` (the time of the last one, in ms since
+/// the first rate-limited log of the process, 0 for never).
+fn log_due(slot: &AtomicU64) -> bool {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let now_ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+    let last = slot.load(Ordering::Relaxed);
+    let due = last == 0 || now_ms.saturating_sub(last) >= REFUSAL_LOG_PERIOD.as_millis() as u64;
+    due && slot.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_ok()
 }
 
 impl PeerMetrics {
+    /// Handshakes refused so far, by kind.
+    pub fn handshakes_refused(&self) -> Vec<(RefusalKind, u64)> {
+        RefusalKind::ALL
+            .iter()
+            .zip(&self.handshakes_refused)
+            .map(|(kind, n)| (*kind, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Handshakes refused so far of one kind.
+    pub fn handshakes_refused_of(&self, kind: RefusalKind) -> u64 {
+        self.handshakes_refused[kind_index(kind)].load(Ordering::Relaxed)
+    }
+
+    /// Counts a refused handshake, and logs it unless one was logged within
+    /// the last [`REFUSAL_LOG_PERIOD`] (wrong secrets are logged at warn level:
+    /// a node with another secret runs alone and must say so).
+    fn refuse_handshake(&self, remote: SocketAddr, side: &'static str, error: &HandshakeError) {
+        let kind = error.kind();
+        let total = self.handshakes_refused[kind_index(kind)].fetch_add(1, Ordering::Relaxed) + 1;
+        let loud = matches!(kind, RefusalKind::WrongSecret | RefusalKind::SecretMismatch);
+        if !loud {
+            tracing::debug!(%remote, side, %error, "peer handshake refused");
+            return;
+        }
+        if log_due(&self.refusal_logged_ms) {
+            tracing::warn!(
+                %remote, side, %error, refused_so_far = total, kind = kind.name(),
+                "peer handshake refused: check that every node has the same --cluster-secret"
+            );
+        }
+    }
+
     /// The counters as Prometheus metrics: (name, help, value).
     pub fn exposition(&self) -> Vec<(&'static str, &'static str, f64)> {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64;
+        let refused = |kind: RefusalKind| self.handshakes_refused_of(kind) as f64;
         vec![
+            (
+                "calmkv_peer_handshakes_total",
+                "Peer handshakes completed, either direction.",
+                get(&self.handshakes),
+            ),
+            (
+                "calmkv_peer_handshakes_refused_wrong_secret_total",
+                "Peer handshakes refused: the other node holds another cluster secret.",
+                refused(RefusalKind::WrongSecret),
+            ),
+            (
+                "calmkv_peer_handshakes_refused_secret_mismatch_total",
+                "Peer handshakes refused: one side has a cluster secret, the other none.",
+                refused(RefusalKind::SecretMismatch),
+            ),
+            (
+                "calmkv_peer_handshakes_refused_malformed_total",
+                "Peer handshakes refused: not a calmkv peer, another version, or a bad identity.",
+                refused(RefusalKind::Malformed),
+            ),
+            (
+                "calmkv_peer_handshakes_refused_timeout_total",
+                "Peer handshakes not finished within the handshake timeout.",
+                refused(RefusalKind::Timeout),
+            ),
+            (
+                "calmkv_peer_handshakes_refused_incomplete_total",
+                "Peer connections closed during their handshake.",
+                refused(RefusalKind::Incomplete),
+            ),
+            (
+                "calmkv_peer_handshakes_refused_evicted_total",
+                "Peer connections evicted unfinished to make room for newer ones.",
+                refused(RefusalKind::Evicted),
+            ),
+            (
+                "calmkv_peer_inbound_refused_total",
+                "Authenticated peer connections refused: every slot was taken.",
+                get(&self.inbound_refused),
+            ),
+            (
+                "calmkv_replication_states_refused_total",
+                "Remote states refused for crossing a limit.",
+                get(&self.states_refused),
+            ),
+            (
+                "calmkv_peer_inbound_buffered_bytes",
+                "Bytes held in peer frames still being read.",
+                get(&self.inbound_buffered_bytes),
+            ),
+            (
+                "calmkv_peer_handshakes_pending",
+                "Accepted peer connections still in their handshake.",
+                get(&self.handshakes_pending),
+            ),
+            (
+                "calmkv_peer_inbound_connections",
+                "Authenticated inbound peer connections.",
+                get(&self.inbound_connections),
+            ),
             (
                 "calmkv_peer_frames_queued_total",
                 "Frames queued for peers.",
@@ -130,6 +301,68 @@ impl PeerMetrics {
     }
 }
 
+fn kind_index(kind: RefusalKind) -> usize {
+    RefusalKind::ALL.iter().position(|k| *k == kind).expect("every kind is listed")
+}
+
+/// Bytes a connection holds in a frame body, kept in the gauge while alive.
+struct Buffered<'a> {
+    gauge: &'a AtomicU64,
+    held: u64,
+}
+
+impl Buffered<'_> {
+    fn hold(&mut self, bytes: usize) {
+        let bytes = bytes as u64;
+        if bytes > self.held {
+            self.gauge.fetch_add(bytes - self.held, Ordering::Relaxed);
+        } else {
+            self.gauge.fetch_sub(self.held - bytes, Ordering::Relaxed);
+        }
+        self.held = bytes;
+    }
+}
+
+impl Drop for Buffered<'_> {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
+/// Accepted connections: strangers in their handshake, oldest first, and
+/// authenticated peers by id. Each entry can be told to close.
+#[derive(Default)]
+struct Slots {
+    handshaking: Mutex<VecDeque<(u64, Arc<Notify>)>>,
+    peers: Mutex<HashMap<NodeId, (u64, Arc<Notify>)>>,
+}
+
+/// Removes a connection from the slots when its task ends (or is aborted).
+struct SlotGuard<'a> {
+    slots: &'a Slots,
+    metrics: &'a PeerMetrics,
+    conn: u64,
+    peer: Option<NodeId>,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut handshaking = self.slots.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = handshaking.iter().position(|(c, _)| *c == self.conn) {
+            handshaking.remove(i);
+            self.metrics.handshakes_pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(handshaking);
+        if let Some(peer) = self.peer {
+            let mut peers = self.slots.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if peers.get(&peer).is_some_and(|(c, _)| *c == self.conn) {
+                peers.remove(&peer);
+                self.metrics.inbound_connections.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 struct Link {
     outbox: Arc<Outbox>,
     task: JoinHandle<()>,
@@ -143,6 +376,7 @@ pub struct PeerChannel {
     node: Arc<Node>,
     secret: Option<ClusterSecret>,
     outbox_bytes_max: usize,
+    settings: PeerSettings,
     links: Mutex<BTreeMap<NodeId, (Peer, Link)>>,
     pending: Pending,
     next_id: AtomicU64,
@@ -157,10 +391,21 @@ impl PeerChannel {
         secret: Option<ClusterSecret>,
         outbox_bytes_max: usize,
     ) -> Arc<PeerChannel> {
+        PeerChannel::with_settings(node, secret, outbox_bytes_max, PeerSettings::default())
+    }
+
+    /// A channel with the given connection bounds.
+    pub fn with_settings(
+        node: Arc<Node>,
+        secret: Option<ClusterSecret>,
+        outbox_bytes_max: usize,
+        settings: PeerSettings,
+    ) -> Arc<PeerChannel> {
         Arc::new(PeerChannel {
             node,
             secret,
             outbox_bytes_max,
+            settings,
             links: Mutex::new(BTreeMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -219,7 +464,7 @@ impl PeerChannel {
     /// Queues a message for one peer; `false` when it is unknown or its outbox
     /// is full (the message is dropped and counted).
     pub fn send(&self, to: NodeId, message: &PeerMessage) -> bool {
-        let frame = match encode_frame(message, self.secret.as_ref()) {
+        let frame = match encode_body(message) {
             Ok(frame) => frame,
             Err(error) => {
                 tracing::warn!(%error, "message not sent");
@@ -249,7 +494,7 @@ impl PeerChannel {
     /// queued for.
     pub fn replicate(&self, key: &str, delta: &Envelope, ack: Option<u64>) -> Vec<NodeId> {
         let message = PeerMessage::Deltas { deltas: vec![(key.to_string(), delta.clone())], ack };
-        let Ok(frame) = encode_frame(&message, self.secret.as_ref()) else { return vec![] };
+        let Ok(frame) = encode_body(&message) else { return vec![] };
         let peers: Vec<NodeId> = self.peers().iter().map(|p| p.id).collect();
         peers.into_iter().filter(|id| self.send_frame(*id, frame.clone())).collect()
     }
@@ -289,7 +534,9 @@ impl PeerChannel {
     /// Accepts peer connections on `listener` until the task is aborted; aborting
     /// it also closes every connection it accepted.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Slots::default());
         let mut connections = tokio::task::JoinSet::new();
+        let mut next_conn = 0u64;
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -303,50 +550,173 @@ impl PeerChannel {
                     continue;
                 }
             };
-            if connections.len() >= INBOUND_CONNECTIONS_MAX {
-                tracing::warn!(%remote, "too many peer connections; refusing one");
-                continue;
-            }
-            let channel = self.clone();
-            connections.spawn(async move {
-                if let Err(error) = channel.read_connection(stream).await {
-                    channel.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%remote, %error, "closing peer connection after a bad frame");
+            next_conn += 1;
+            let conn = next_conn;
+            let close = Arc::new(Notify::new());
+            {
+                let mut handshaking = slots.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+                if handshaking.len() >= self.settings.handshakes_max.max(1) {
+                    if let Some((_, oldest)) = handshaking.pop_front() {
+                        self.metrics.handshakes_pending.fetch_sub(1, Ordering::Relaxed);
+                        oldest.notify_one();
+                    }
                 }
+                handshaking.push_back((conn, close.clone()));
+                self.metrics.handshakes_pending.fetch_add(1, Ordering::Relaxed);
+            }
+            let (channel, slots) = (self.clone(), slots.clone());
+            connections.spawn(async move {
+                channel.serve_connection(stream, remote, &slots, conn, close).await;
             });
         }
     }
 
-    async fn read_connection(&self, mut stream: TcpStream) -> Result<(), FrameError> {
-        let mut from: Option<NodeId> = None;
+    /// One accepted connection: its handshake, its slot, then its frames.
+    async fn serve_connection(
+        &self,
+        mut stream: TcpStream,
+        remote: SocketAddr,
+        slots: &Slots,
+        conn: u64,
+        close: Arc<Notify>,
+    ) {
+        let mut guard = SlotGuard { slots, metrics: &self.metrics, conn, peer: None };
+        let timeout = self.settings.handshake_timeout;
+        let own = self.node.id();
+        let established = tokio::select! {
+            done = handshake::accept(&mut stream, self.secret.as_ref(), own, timeout) => done,
+            _ = close.notified() => {
+                self.metrics.handshakes_refused[kind_index(RefusalKind::Evicted)]
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let established = match established {
+            Ok(established) => established,
+            Err(error) => {
+                self.metrics.refuse_handshake(remote, "accepted", &error);
+                return;
+            }
+        };
+        self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+        let peer = established.peer;
+        {
+            let mut handshaking = slots.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+            match handshaking.iter().position(|(c, _)| *c == conn) {
+                Some(i) => {
+                    handshaking.remove(i);
+                    self.metrics.handshakes_pending.fetch_sub(1, Ordering::Relaxed);
+                }
+                // Evicted just as it finished: it lost its slot.
+                None => return,
+            }
+        }
+        {
+            let mut peers = slots.peers.lock().unwrap_or_else(|p| p.into_inner());
+            if !peers.contains_key(&peer) && peers.len() >= self.settings.inbound_connections_max {
+                self.metrics.inbound_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%remote, %peer, "every peer connection slot is taken; refusing one");
+                return;
+            }
+            // A peer that reconnects replaces its old connection.
+            match peers.insert(peer, (conn, close.clone())) {
+                Some((_, old)) => old.notify_one(),
+                None => {
+                    self.metrics.inbound_connections.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            guard.peer = Some(peer);
+        }
+        let read = self.read_frames(&mut stream, peer, established.session.as_ref());
+        let result = tokio::select! {
+            result = read => result,
+            _ = close.notified() => Ok(()),
+        };
+        if let Err(error) = result {
+            self.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%remote, %peer, %error, "closing peer connection after a bad frame");
+        }
+        drop(guard);
+    }
+
+    /// Reads and dispatches frames from `peer` until the connection closes or a
+    /// frame is refused.
+    async fn read_frames<S: AsyncRead + Unpin>(
+        &self,
+        stream: &mut S,
+        peer: NodeId,
+        session: Option<&SessionKey>,
+    ) -> Result<(), FrameError> {
+        let tag_bytes = if session.is_some() { TAG_BYTES } else { 0 };
+        let mut seq = 0u64;
         loop {
             let mut prefix = [0u8; 4];
             if stream.read_exact(&mut prefix).await.is_err() {
                 return Ok(()); // closed
             }
             let len = frame_len(prefix)?;
-            let mut body = vec![0u8; len];
-            if stream.read_exact(&mut body).await.is_err() {
+            if len < 1 + tag_bytes {
                 return Err(FrameError::Truncated);
             }
-            let message = decode_frame(&body, self.secret.as_ref())?;
+            let message = {
+                let mut buffered =
+                    Buffered { gauge: &self.metrics.inbound_buffered_bytes, held: 0 };
+                let mut body = read_body(stream, len, &mut buffered).await?;
+                if let Some(session) = session {
+                    if !session.open(seq, &mut body) {
+                        return Err(FrameError::BadTag);
+                    }
+                }
+                decode_body::<PeerMessage>(&body)?
+            };
+            seq += 1;
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
             self.metrics.bytes_received.fetch_add(len as u64 + 4, Ordering::Relaxed);
-            match (from, message) {
-                (None, PeerMessage::Hello { from: id }) => from = Some(NodeId(id)),
-                (None, _) => {
-                    return Err(FrameError::Malformed {
-                        reason: "the first frame is not Hello".into(),
-                    })
+            self.dispatch(peer, message).await;
+        }
+    }
+
+    /// Drops the states of `message` that cross a limit, counting and logging
+    /// them; `None` when nothing is left to handle. Deltas lose their `ack`
+    /// when one of them is refused: they were not all stored.
+    fn admit(&self, from: NodeId, message: PeerMessage) -> Option<PeerMessage> {
+        let limits = self.node.limits();
+        let replicas = self.links.lock().unwrap_or_else(|p| p.into_inner()).len() + 1;
+        let admitted = |key: &str, state: &Envelope| match admission::check(state, limits, replicas)
+        {
+            Ok(()) => true,
+            Err(reason) => {
+                let total = self.metrics.states_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if log_due(&self.metrics.state_refusal_logged_ms) {
+                    tracing::warn!(
+                        peer = %from, key, %reason, refused_so_far = total,
+                        "refusing a remote state that crosses a limit"
+                    );
                 }
-                (Some(peer), message) => self.dispatch(peer, message).await,
+                false
             }
+        };
+        match message {
+            PeerMessage::Deltas { deltas, ack } => {
+                let offered = deltas.len();
+                let deltas: Vec<_> = deltas.into_iter().filter(|(k, s)| admitted(k, s)).collect();
+                let ack = ack.filter(|_| deltas.len() == offered);
+                Some(PeerMessage::Deltas { deltas, ack })
+            }
+            PeerMessage::AntiEntropy(AntiEntropy::States { states, want }) => {
+                let states = states.into_iter().filter(|(k, s)| admitted(k, s)).collect();
+                Some(PeerMessage::AntiEntropy(AntiEntropy::States { states, want }))
+            }
+            PeerMessage::ReadReply { id, state } => {
+                admitted("(read reply)", &state).then_some(PeerMessage::ReadReply { id, state })
+            }
+            other => Some(other),
         }
     }
 
     async fn dispatch(&self, from: NodeId, message: PeerMessage) {
+        let Some(message) = self.admit(from, message) else { return };
         match message {
-            PeerMessage::Hello { .. } => {}
             PeerMessage::Acked { id } => self.complete(id, from, PeerMessage::Acked { id }),
             PeerMessage::ReadReply { id, state } => {
                 self.complete(id, from, PeerMessage::ReadReply { id, state })
@@ -372,12 +742,22 @@ impl PeerChannel {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr)).await {
-                Ok(Ok(stream)) => {
-                    backoff = RECONNECT_BACKOFF_MIN;
-                    self.metrics.connects.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(mut stream)) => {
                     let _ = stream.set_nodelay(true);
-                    if let Err(error) = self.write_connection(stream, &outbox).await {
-                        tracing::debug!(peer = %peer.id, %error, "peer connection broke");
+                    let own = self.node.id();
+                    let timeout = self.settings.handshake_timeout;
+                    let secret = self.secret.as_ref();
+                    match handshake::dial(&mut stream, secret, own, Some(peer.id), timeout).await {
+                        Ok(established) => {
+                            backoff = RECONNECT_BACKOFF_MIN;
+                            self.metrics.connects.fetch_add(1, Ordering::Relaxed);
+                            self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
+                            let session = established.session.as_ref();
+                            if let Err(error) = self.write_frames(stream, &outbox, session).await {
+                                tracing::debug!(peer = %peer.id, %error, "peer connection broke");
+                            }
+                        }
+                        Err(error) => self.metrics.refuse_handshake(peer.addr, "dialed", &error),
                     }
                 }
                 Ok(Err(error)) => tracing::debug!(peer = %peer.id, %error, "cannot reach peer"),
@@ -388,22 +768,68 @@ impl PeerChannel {
         }
     }
 
-    async fn write_connection(&self, stream: TcpStream, outbox: &Outbox) -> std::io::Result<()> {
-        let mut writer = BufWriter::new(stream);
-        let hello =
-            encode_frame(&PeerMessage::Hello { from: self.node.id().0 }, self.secret.as_ref())
-                .map_err(std::io::Error::other)?;
-        writer.write_all(&hello).await?;
-        writer.flush().await?;
+    /// Drains the outbox onto an established connection, sealing each frame
+    /// under the session key and its sequence number. The acceptor never
+    /// writes after the handshake, so anything readable on `stream` means it
+    /// closed the connection (say, after refusing a frame): the dialer then
+    /// reconnects at once instead of writing into a dead socket.
+    async fn write_frames(
+        &self,
+        stream: TcpStream,
+        outbox: &Outbox,
+        session: Option<&SessionKey>,
+    ) -> std::io::Result<()> {
+        let (mut reader, writer) = stream.into_split();
+        let mut writer = BufWriter::new(writer);
+        let mut seq = 0u64;
+        let mut probe = [0u8; 1];
         loop {
-            outbox.ready().await;
-            for frame in outbox.take(WRITE_BATCH_BYTES) {
-                writer.write_all(&frame).await?;
-                self.metrics.bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            tokio::select! {
+                () = outbox.ready() => {}
+                _ = reader.read(&mut probe) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the peer closed the connection",
+                    ));
+                }
+            }
+            for mut body in outbox.take(WRITE_BATCH_BYTES) {
+                if let Some(session) = session {
+                    session.seal(seq, &mut body);
+                }
+                let len = body.len();
+                writer.write_all(&(len as u32).to_be_bytes()).await?;
+                writer.write_all(&body).await?;
+                seq += 1;
+                self.metrics.bytes_sent.fetch_add(len as u64 + 4, Ordering::Relaxed);
             }
             writer.flush().await?;
         }
     }
+}
+
+/// Reads a frame body of `len` bytes (already checked against the bound) as
+/// it arrives, so a peer that announces a large frame and sends little makes
+/// the node hold only about what it sent (the buffer grows by doubling, so at
+/// most twice that, and at least one chunk).
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    len: usize,
+    buffered: &mut Buffered<'_>,
+) -> Result<Vec<u8>, FrameError> {
+    let mut body = Vec::new();
+    while body.len() < len {
+        let want = (len - body.len()).min(READ_CHUNK_BYTES);
+        body.reserve(want);
+        buffered.hold(body.capacity());
+        let start = body.len();
+        body.resize(start + want, 0);
+        match stream.read(&mut body[start..]).await {
+            Ok(0) | Err(_) => return Err(FrameError::Truncated),
+            Ok(n) => body.truncate(start + n),
+        }
+    }
+    Ok(body)
 }
 
 impl Drop for PeerChannel {
@@ -434,9 +860,7 @@ fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> O
             let state = node.envelope(&Key::new(key, node.limits())?)?;
             Ok(Some(PeerMessage::ReadReply { id, state }))
         }
-        PeerMessage::Hello { .. } | PeerMessage::Acked { .. } | PeerMessage::ReadReply { .. } => {
-            Ok(None)
-        }
+        PeerMessage::Acked { .. } | PeerMessage::ReadReply { .. } => Ok(None),
     })();
     result.unwrap_or_else(|error| {
         tracing::warn!(%error, "peer request failed");
