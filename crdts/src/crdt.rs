@@ -78,6 +78,10 @@ impl Limits {
     pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
     /// Default bytes per set member or field name (1 KiB).
     pub const MEMBER_BYTES_MAX: usize = 1024;
+    /// Highest dot counter a state from outside may carry: no node makes 2^62
+    /// writes to one key, and a counter near `u64::MAX` would leave no room
+    /// for the next write.
+    pub const DOT_COUNTER_MAX: u64 = 1 << 62;
 }
 
 impl Default for Limits {
@@ -169,6 +173,12 @@ pub enum MalformedReason {
     /// The state holds a dot its context has not seen.
     #[error("it holds dot {dot} that its context has not seen")]
     UnseenDot {
+        /// The dot.
+        dot: crate::Dot,
+    },
+    /// A dot counter past [`Limits::DOT_COUNTER_MAX`], which no node reaches.
+    #[error("dot {dot} is past the highest counter a node reaches")]
+    DotTooHigh {
         /// The dot.
         dot: crate::Dot,
     },

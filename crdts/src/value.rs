@@ -258,7 +258,7 @@ impl Value {
 
     /// Checks a state from outside (a peer, a file) against the bounds a local
     /// write keeps: members, siblings, nesting depth, value and name lengths,
-    /// context entries, and no dot that leaves its node no successor. Merges
+    /// context entries, and no dot counter past [`Limits::DOT_COUNTER_MAX`]. Merges
     /// never refuse, so a state is checked before it is merged; a state that
     /// fails is refused whole.
     pub fn validate(&self, limits: &Limits) -> Result<(), CrdtError> {
@@ -269,11 +269,10 @@ impl Value {
                 max: limits.context_entries_max,
             });
         }
-        let exhausted = ctx.vv().iter().map(|(node, counter)| Dot { node, counter });
-        if let Some(dot) =
-            exhausted.chain(ctx.cloud().iter().copied()).find(|d| d.counter == u64::MAX)
-        {
-            return Err(CrdtError::DotsExhausted { node: dot.node });
+        let highest = ctx.vv().iter().map(|(node, counter)| Dot { node, counter });
+        let mut dots = highest.chain(ctx.cloud().iter().copied());
+        if let Some(dot) = dots.find(|d| d.counter > Limits::DOT_COUNTER_MAX) {
+            return Err(CrdtError::Malformed { reason: MalformedReason::DotTooHigh { dot } });
         }
         self.inner.store.validate(limits, 0)?;
         // A well-formed state has seen every dot it holds, and holds no empty

@@ -337,7 +337,10 @@ fn validate_refuses_a_context_past_its_entry_limit_or_claiming_a_last_dot() {
     let mut forged = Value::new();
     let claim = CausalContext::from_dots([Dot::new(NodeId(9), u64::MAX)]);
     forged.delete(&claim);
-    assert_eq!(forged.validate(&limits()), Err(CrdtError::DotsExhausted { node: NodeId(9) }));
+    let dot = Dot::new(NodeId(9), u64::MAX);
+    let too_high =
+        CrdtError::Malformed { reason: calmkv_crdts::MalformedReason::DotTooHigh { dot } };
+    assert_eq!(forged.validate(&limits()), Err(too_high));
 }
 
 #[test]
