@@ -153,6 +153,16 @@ fn decision(
     limits: &Limits,
 ) -> Result<Envelope, NodeError> {
     let op = proposal.op(limits)?;
+    // The proposer's state came over the network: the same rules as any
+    // remote state, with members and siblings unbounded (the voter does not
+    // know how many replicas wrote them concurrently). Deterministic, so every
+    // voter refuses alike.
+    crate::replication::admission::check(&proposal.observed, limits, usize::MAX).map_err(
+        |refused| NodeError::LimitExceeded {
+            key: proposal.key.clone(),
+            what: format!("the proposer's state of the key is refused: {refused}"),
+        },
+    )?;
     let before = joined.cloned().unwrap_or_default().merged(&proposal.observed);
     let claimed = match &op.action {
         crate::Action::Put { context: Some(seen), .. }
@@ -645,13 +655,16 @@ mod totality {
         Action::Crdt(CrdtOp::Counter(op))
     }
 
-    /// A state after a local delete with `context`, on top of `n` increments.
+    /// A state of `n` increments, then a delete with `context` as a forged
+    /// peer state would carry it (a node restricts a client's context to what
+    /// it has seen, so only a forged state holds such a claim).
     fn deleted_with(key: &str, n: u64, context: CausalContext) -> Envelope {
         let node = crate::Config::in_memory().open_node().unwrap();
         let key = crate::Key::new(key, &Limits::default()).unwrap();
-        node.apply(&crate::Op { key: key.clone(), action: counter(CounterOp::Incr(n)) }).unwrap();
-        let delete = Action::Delete { context: Some(context) };
-        node.apply(&crate::Op { key, action: delete }).unwrap().state
+        let action = counter(CounterOp::Incr(n));
+        let mut state = node.apply(&crate::Op { key, action }).unwrap().state;
+        state.value.delete(&context);
+        state
     }
 
     fn forged() -> CausalContext {
