@@ -13,13 +13,18 @@
 //! - `sled_engine.rs`: [`SledStore`], the only file that names sled.
 //! - `fjall_engine.rs`: [`FjallStore`], the only file that names fjall.
 //! - `redb_engine.rs`: [`RedbStore`], the only file that names redb.
+//! - `engine.rs`: [`Engine`] and [`open`], which opens a store directory only
+//!   with the engine that made it.
+//! - `marker.rs`: the store directory's marker file (engine, format version).
 //! - `memory.rs`: [`MemoryStore`].
 //! - `node_id.rs`: the node id file.
 
 mod commit_policy;
 mod durability;
+mod engine;
 mod fjall_engine;
 mod group_commit;
+mod marker;
 mod memory;
 mod node_id;
 mod redb_engine;
@@ -29,7 +34,9 @@ pub use durability::{
     Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, NONE_UNFLUSHED_BATCHES_MAX,
     UNFLUSHED_BATCHES_MAX,
 };
+pub use engine::{open, Engine, UnknownEngine};
 pub use fjall_engine::FjallStore;
+pub use marker::{STORE_FORMAT_VERSION, STORE_MARKER_FILE};
 pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use redb_engine::RedbStore;
@@ -166,6 +173,36 @@ pub enum StoreError {
         path: PathBuf,
         /// What the engine said.
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The store directory was made by another engine. Nothing on disk changed.
+    #[error("{} holds a {found} store; it cannot be opened with {requested}", path.display())]
+    EngineMismatch {
+        /// The store directory.
+        path: PathBuf,
+        /// The engine that made it.
+        found: Engine,
+        /// The engine asked for.
+        requested: Engine,
+    },
+    /// The store directory is of a newer format than this build reads (a newer
+    /// calmkv made it). Nothing on disk changed.
+    #[error("{} is in store format {found}; this build reads format {supported} and older", path.display())]
+    UnsupportedFormat {
+        /// The store directory.
+        path: PathBuf,
+        /// The directory's format.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+    },
+    /// The store directory's marker file is malformed, or the directory holds
+    /// files but no marker. Nothing on disk changed.
+    #[error("{}: {reason}", path.display())]
+    BadMarker {
+        /// The marker file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
     },
     /// The durability setting cannot be used. Nothing was opened.
     #[error("durability {durability:?}: {reason}")]

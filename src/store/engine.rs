@@ -1,0 +1,287 @@
+//! Choosing an engine: [`Engine`] names the three disk engines, and [`open`]
+//! opens a store directory with one of them — only if the directory's marker
+//! (see `marker.rs`) says that engine made it, in a format this build reads.
+
+use super::marker::{self, Marker};
+use super::{Durability, FjallStore, RedbStore, SledStore, Store, StoreError};
+use std::path::Path;
+
+/// A disk engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Engine {
+    /// sled 0.34.7: a log-structured B-tree (calmkv's first engine).
+    #[default]
+    Sled,
+    /// fjall 3: an LSM tree with a journal.
+    Fjall,
+    /// redb 5: a copy-on-write B-tree in one file.
+    Redb,
+}
+
+impl Engine {
+    /// Every engine.
+    pub const ALL: [Engine; 3] = [Engine::Sled, Engine::Fjall, Engine::Redb];
+
+    /// The engine's name, as `--engine` and the marker file spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Sled => "sled",
+            Engine::Fjall => "fjall",
+            Engine::Redb => "redb",
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is not an engine's.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown storage engine {name:?} (expected sled, fjall or redb)")]
+pub struct UnknownEngine {
+    /// The name given.
+    pub name: String,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = UnknownEngine;
+
+    fn from_str(name: &str) -> Result<Engine, UnknownEngine> {
+        Engine::ALL
+            .into_iter()
+            .find(|engine| engine.name() == name)
+            .ok_or_else(|| UnknownEngine { name: name.to_string() })
+    }
+}
+
+/// sled's files in a store directory that predates the marker file: calmkv
+/// 0.1 wrote sled directories without one.
+const LEGACY_SLED_FILES: [&str; 2] = ["conf", "db"];
+
+/// What a directory without a marker holds.
+enum Unmarked {
+    /// Nothing (or no directory yet): a new store.
+    Empty,
+    /// A sled store from before the marker.
+    LegacySled,
+    /// Something else: not a store this build made.
+    Unknown,
+}
+
+fn unmarked(dir: &Path) -> Result<Unmarked, StoreError> {
+    let mut names = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Unmarked::Empty),
+        Err(source) => return Err(StoreError::Io { path: dir.to_path_buf(), source }),
+    };
+    names.sort();
+    if names.is_empty() {
+        Ok(Unmarked::Empty)
+    } else if LEGACY_SLED_FILES.iter().all(|file| names.iter().any(|n| n == file)) {
+        Ok(Unmarked::LegacySled)
+    } else {
+        Ok(Unmarked::Unknown)
+    }
+}
+
+/// Refuses a marker that this build or this engine cannot open.
+fn check(dir: &Path, found: Marker, requested: Engine) -> Result<(), StoreError> {
+    if found.engine != requested {
+        return Err(StoreError::EngineMismatch {
+            path: dir.to_path_buf(),
+            found: found.engine,
+            requested,
+        });
+    }
+    Ok(())
+}
+
+/// Opens (or creates) the store in `dir` with `engine`.
+///
+/// A new directory gets a marker naming `engine` before the engine writes
+/// anything. A directory whose marker names another engine is refused with
+/// [`StoreError::EngineMismatch`], one of a newer format with
+/// [`StoreError::UnsupportedFormat`], one holding files but no marker (and no
+/// sled store from before markers) with [`StoreError::BadMarker`]; in each case
+/// nothing on disk changes. A sled directory from before markers opens with
+/// sled, and gets its marker once sled has opened it.
+pub fn open(
+    engine: Engine,
+    dir: &Path,
+    durability: Durability,
+) -> Result<Box<dyn Store>, StoreError> {
+    let durability = durability.validate()?;
+    let mut legacy = false;
+    match marker::read(dir)? {
+        Some(found) => check(dir, found, engine)?,
+        None => match unmarked(dir)? {
+            Unmarked::Empty => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+                // Another process may have won the race with another engine.
+                let created = marker::create(dir, Marker::current(engine))?;
+                check(dir, created, engine)?;
+            }
+            Unmarked::LegacySled => {
+                let found = Marker::current(Engine::Sled);
+                check(dir, found, engine)?;
+                legacy = true;
+            }
+            Unmarked::Unknown => {
+                let path = dir.join(marker::STORE_MARKER_FILE);
+                let reason = "the directory holds files but no marker: not a calmkv store";
+                return Err(StoreError::BadMarker { path, reason });
+            }
+        },
+    }
+    let store: Box<dyn Store> = match engine {
+        Engine::Sled => Box::new(SledStore::open(dir, durability)?),
+        Engine::Fjall => Box::new(FjallStore::open(dir, durability)?),
+        Engine::Redb => Box::new(RedbStore::open(dir, durability)?),
+    };
+    if legacy {
+        let created = marker::create(dir, Marker::current(Engine::Sled))?;
+        check(dir, created, engine)?;
+    }
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Batch;
+    use std::collections::BTreeMap;
+
+    /// Every file under `dir` with its bytes.
+    fn snapshot(dir: &Path) -> BTreeMap<std::path::PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(next) = todo.pop() {
+            for entry in std::fs::read_dir(&next).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                } else {
+                    files.insert(path.clone(), std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for engine in Engine::ALL {
+            assert_eq!(engine.name().parse::<Engine>().unwrap(), engine);
+        }
+        assert!("rocksdb".parse::<Engine>().is_err());
+        assert!("Sled".parse::<Engine>().is_err());
+    }
+
+    #[test]
+    fn a_new_directory_records_its_engine_and_reopens_with_it() {
+        for engine in Engine::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            let store = open(engine, &path, Durability::Sync).unwrap();
+            store.apply(Batch::new().put("k", "v")).unwrap();
+            drop(store);
+            assert_eq!(marker::read(&path).unwrap(), Some(Marker::current(engine)));
+            let store = open(engine, &path, Durability::Sync).unwrap();
+            assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()), "{engine}");
+        }
+    }
+
+    #[test]
+    fn another_engine_is_refused_and_changes_nothing_on_disk() {
+        for made_by in Engine::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(made_by, dir.path(), Durability::Sync).unwrap();
+            store.apply(Batch::new().put("k", "v")).unwrap();
+            drop(store);
+            let before = snapshot(dir.path());
+            for other in Engine::ALL.into_iter().filter(|e| *e != made_by) {
+                let result = open(other, dir.path(), Durability::Sync);
+                assert!(
+                    matches!(result, Err(StoreError::EngineMismatch { found, requested, .. })
+                        if found == made_by && requested == other),
+                    "{made_by} opened with {other}: {:?}",
+                    result.err()
+                );
+                assert_eq!(snapshot(dir.path()), before, "{made_by} opened with {other}");
+            }
+            let store = open(made_by, dir.path(), Durability::Sync).unwrap();
+            assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+        }
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_and_changes_nothing_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(Engine::Fjall, dir.path(), Durability::Sync).unwrap());
+        let newer = "calmkv store\nformat 2\nengine fjall\n";
+        std::fs::write(dir.path().join(marker::STORE_MARKER_FILE), newer).unwrap();
+        let before = snapshot(dir.path());
+        for engine in Engine::ALL {
+            let result = open(engine, dir.path(), Durability::Sync);
+            assert!(
+                matches!(result, Err(StoreError::UnsupportedFormat { found: 2, supported: 1, .. })),
+                "{engine}: {:?}",
+                result.err()
+            );
+        }
+        assert_eq!(snapshot(dir.path()), before);
+    }
+
+    /// A sled directory as calmkv wrote it before markers: made by the sled
+    /// engine alone.
+    #[test]
+    fn a_sled_directory_without_a_marker_opens_with_sled_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = SledStore::open(dir.path(), Durability::Sync).unwrap();
+        sled.apply(Batch::new().put("old", "data")).unwrap();
+        drop(sled);
+        assert_eq!(marker::read(dir.path()).unwrap(), None);
+        let before = snapshot(dir.path());
+        for other in [Engine::Fjall, Engine::Redb] {
+            let result = open(other, dir.path(), Durability::Sync);
+            assert!(
+                matches!(result, Err(StoreError::EngineMismatch { found: Engine::Sled, .. })),
+                "{other}: {:?}",
+                result.err()
+            );
+            assert_eq!(snapshot(dir.path()), before, "{other}");
+        }
+        let store = open(Engine::Sled, dir.path(), Durability::Sync).unwrap();
+        assert_eq!(store.get(b"old").unwrap(), Some(b"data".to_vec()));
+        assert_eq!(marker::read(dir.path()).unwrap(), Some(Marker::current(Engine::Sled)));
+    }
+
+    #[test]
+    fn a_directory_of_unknown_files_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+        for engine in Engine::ALL {
+            let result = open(engine, dir.path(), Durability::Sync);
+            assert!(matches!(result, Err(StoreError::BadMarker { .. })), "{:?}", result.err());
+        }
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["notes.txt"]);
+    }
+
+    #[test]
+    fn an_invalid_durability_is_refused_before_anything_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let result = open(Engine::Fjall, &path, Durability::Interval(std::time::Duration::ZERO));
+        assert!(matches!(result, Err(StoreError::InvalidDurability { .. })));
+        assert!(!path.exists());
+    }
+}
