@@ -4,7 +4,7 @@
 
 use crate::error::NodeError;
 use crate::invariants::Invariants;
-use crate::store::{self, Durability, MemoryStore, SledStore, Store};
+use crate::store::{self, Durability, Engine, MemoryStore, Store};
 use crate::{Limits, Node};
 use calmkv_crdts::NodeId;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,11 @@ use std::sync::Arc;
 pub struct Config {
     /// The data directory: the store and the node id live here.
     pub data_dir: PathBuf,
+    /// The disk engine. A data directory keeps the engine that created it:
+    /// `Some` other engine is refused (`StoreError::EngineMismatch`, nothing
+    /// changes); `None` opens an existing directory with its own engine and
+    /// creates a new one with [`Engine::default`].
+    pub engine: Option<Engine>,
     /// When a write counts as durable.
     pub durability: Durability,
     /// The bounds the node enforces.
@@ -34,6 +39,7 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Config {
         Config {
             data_dir: data_dir.into(),
+            engine: None,
             durability: Durability::default(),
             limits: Limits::default(),
             in_memory: false,
@@ -46,6 +52,11 @@ impl Config {
         Config { in_memory: true, ..Config::new(Path::new("")) }
     }
 
+    /// The directory of the node's store, inside the data directory.
+    pub fn store_dir(&self) -> PathBuf {
+        self.data_dir.join("store")
+    }
+
     /// Opens the store and the node identity, and builds the node.
     pub fn open_node(&self) -> Result<Node, NodeError> {
         self.limits.validate().map_err(|reason| NodeError::InvalidConfig { reason })?;
@@ -56,8 +67,8 @@ impl Config {
                 NodeError::from(store::StoreError::Io { path: self.data_dir.clone(), source })
             })?;
             let id = store::load_or_create_node_id(&self.data_dir)?;
-            let sled = SledStore::open(&self.data_dir.join("store"), self.durability)?;
-            (id, Arc::new(sled))
+            let store = store::open(self.engine, &self.store_dir(), self.durability)?;
+            (id, Arc::from(store))
         };
         Ok(Node::open(NodeId(id), store, self.limits.clone())?
             .with_invariants(self.invariants.clone()))

@@ -90,48 +90,47 @@ fn unmarked(dir: &Path) -> Result<Unmarked, StoreError> {
     }
 }
 
-/// Refuses a marker that this build or this engine cannot open.
-fn check(dir: &Path, found: Marker, requested: Engine) -> Result<(), StoreError> {
-    if found.engine != requested {
-        return Err(StoreError::EngineMismatch {
-            path: dir.to_path_buf(),
-            found: found.engine,
-            requested,
-        });
+/// Refuses a directory made by `found` when `requested` is another engine.
+fn check(dir: &Path, found: Engine, requested: Option<Engine>) -> Result<Engine, StoreError> {
+    match requested {
+        Some(requested) if requested != found => {
+            Err(StoreError::EngineMismatch { path: dir.to_path_buf(), found, requested })
+        }
+        _ => Ok(found),
     }
-    Ok(())
 }
 
-/// Opens (or creates) the store in `dir` with `engine`.
+/// Opens (or creates) the store in `dir`: with `engine` when given, else with
+/// the engine the directory records, or [`Engine::default`] for a new one.
 ///
-/// A new directory gets a marker naming `engine` before the engine writes
-/// anything. A directory whose marker names another engine is refused with
-/// [`StoreError::EngineMismatch`], one of a newer format with
+/// A new directory gets a marker naming its engine before the engine writes
+/// anything. A directory whose marker names another engine than `engine` is
+/// refused with [`StoreError::EngineMismatch`], one of a newer format with
 /// [`StoreError::UnsupportedFormat`], one holding files but no marker (and no
 /// sled store from before markers) with [`StoreError::BadMarker`]; in each case
 /// nothing on disk changes. A sled directory from before markers opens with
 /// sled, and gets its marker once sled has opened it.
 pub fn open(
-    engine: Engine,
+    engine: Option<Engine>,
     dir: &Path,
     durability: Durability,
 ) -> Result<Box<dyn Store>, StoreError> {
     let durability = durability.validate()?;
     let mut legacy = false;
-    match marker::read(dir)? {
-        Some(found) => check(dir, found, engine)?,
+    let chosen = match marker::read(dir)? {
+        Some(found) => check(dir, found.engine, engine)?,
         None => match unmarked(dir)? {
             Unmarked::Empty => {
                 std::fs::create_dir_all(dir)
                     .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+                let new = engine.unwrap_or_default();
                 // Another process may have won the race with another engine.
-                let created = marker::create(dir, Marker::current(engine))?;
-                check(dir, created, engine)?;
+                let created = marker::create(dir, Marker::current(new))?;
+                check(dir, created.engine, Some(new))?
             }
             Unmarked::LegacySled => {
-                let found = Marker::current(Engine::Sled);
-                check(dir, found, engine)?;
                 legacy = true;
+                check(dir, Engine::Sled, engine)?
             }
             Unmarked::Unknown => {
                 let path = dir.join(marker::STORE_MARKER_FILE);
@@ -139,15 +138,15 @@ pub fn open(
                 return Err(StoreError::BadMarker { path, reason });
             }
         },
-    }
-    let store: Box<dyn Store> = match engine {
+    };
+    let store: Box<dyn Store> = match chosen {
         Engine::Sled => Box::new(SledStore::open(dir, durability)?),
         Engine::Fjall => Box::new(FjallStore::open(dir, durability)?),
         Engine::Redb => Box::new(RedbStore::open(dir, durability)?),
     };
     if legacy {
         let created = marker::create(dir, Marker::current(Engine::Sled))?;
-        check(dir, created, engine)?;
+        check(dir, created.engine, Some(Engine::Sled))?;
     }
     Ok(store)
 }
@@ -189,11 +188,11 @@ mod tests {
         for engine in Engine::ALL {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("store");
-            let store = open(engine, &path, Durability::Sync).unwrap();
+            let store = open(Some(engine), &path, Durability::Sync).unwrap();
             store.apply(Batch::new().put("k", "v")).unwrap();
             drop(store);
             assert_eq!(marker::read(&path).unwrap(), Some(Marker::current(engine)));
-            let store = open(engine, &path, Durability::Sync).unwrap();
+            let store = open(Some(engine), &path, Durability::Sync).unwrap();
             assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()), "{engine}");
         }
     }
@@ -202,12 +201,12 @@ mod tests {
     fn another_engine_is_refused_and_changes_nothing_on_disk() {
         for made_by in Engine::ALL {
             let dir = tempfile::tempdir().unwrap();
-            let store = open(made_by, dir.path(), Durability::Sync).unwrap();
+            let store = open(Some(made_by), dir.path(), Durability::Sync).unwrap();
             store.apply(Batch::new().put("k", "v")).unwrap();
             drop(store);
             let before = snapshot(dir.path());
             for other in Engine::ALL.into_iter().filter(|e| *e != made_by) {
-                let result = open(other, dir.path(), Durability::Sync);
+                let result = open(Some(other), dir.path(), Durability::Sync);
                 assert!(
                     matches!(result, Err(StoreError::EngineMismatch { found, requested, .. })
                         if found == made_by && requested == other),
@@ -216,7 +215,7 @@ mod tests {
                 );
                 assert_eq!(snapshot(dir.path()), before, "{made_by} opened with {other}");
             }
-            let store = open(made_by, dir.path(), Durability::Sync).unwrap();
+            let store = open(Some(made_by), dir.path(), Durability::Sync).unwrap();
             assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
         }
     }
@@ -224,12 +223,12 @@ mod tests {
     #[test]
     fn a_newer_format_is_refused_and_changes_nothing_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        drop(open(Engine::Fjall, dir.path(), Durability::Sync).unwrap());
+        drop(open(Some(Engine::Fjall), dir.path(), Durability::Sync).unwrap());
         let newer = "calmkv store\nformat 2\nengine fjall\n";
         std::fs::write(dir.path().join(marker::STORE_MARKER_FILE), newer).unwrap();
         let before = snapshot(dir.path());
         for engine in Engine::ALL {
-            let result = open(engine, dir.path(), Durability::Sync);
+            let result = open(Some(engine), dir.path(), Durability::Sync);
             assert!(
                 matches!(result, Err(StoreError::UnsupportedFormat { found: 2, supported: 1, .. })),
                 "{engine}: {:?}",
@@ -250,7 +249,7 @@ mod tests {
         assert_eq!(marker::read(dir.path()).unwrap(), None);
         let before = snapshot(dir.path());
         for other in [Engine::Fjall, Engine::Redb] {
-            let result = open(other, dir.path(), Durability::Sync);
+            let result = open(Some(other), dir.path(), Durability::Sync);
             assert!(
                 matches!(result, Err(StoreError::EngineMismatch { found: Engine::Sled, .. })),
                 "{other}: {:?}",
@@ -258,9 +257,23 @@ mod tests {
             );
             assert_eq!(snapshot(dir.path()), before, "{other}");
         }
-        let store = open(Engine::Sled, dir.path(), Durability::Sync).unwrap();
+        let store = open(None, dir.path(), Durability::Sync).unwrap();
         assert_eq!(store.get(b"old").unwrap(), Some(b"data".to_vec()));
         assert_eq!(marker::read(dir.path()).unwrap(), Some(Marker::current(Engine::Sled)));
+    }
+
+    #[test]
+    fn without_an_engine_a_directory_opens_with_its_own_and_a_new_one_with_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(Some(Engine::Redb), dir.path(), Durability::Sync).unwrap();
+        store.apply(Batch::new().put("k", "v")).unwrap();
+        drop(store);
+        let store = open(None, dir.path(), Durability::Sync).unwrap();
+        assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+        drop(store);
+        let new = dir.path().join("new");
+        drop(open(None, &new, Durability::Sync).unwrap());
+        assert_eq!(marker::read(&new).unwrap(), Some(Marker::current(Engine::default())));
     }
 
     #[test]
@@ -268,7 +281,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
         for engine in Engine::ALL {
-            let result = open(engine, dir.path(), Durability::Sync);
+            let result = open(Some(engine), dir.path(), Durability::Sync);
             assert!(matches!(result, Err(StoreError::BadMarker { .. })), "{:?}", result.err());
         }
         let names: Vec<_> =
@@ -280,7 +293,8 @@ mod tests {
     fn an_invalid_durability_is_refused_before_anything_is_created() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
-        let result = open(Engine::Fjall, &path, Durability::Interval(std::time::Duration::ZERO));
+        let result =
+            open(Some(Engine::Fjall), &path, Durability::Interval(std::time::Duration::ZERO));
         assert!(matches!(result, Err(StoreError::InvalidDurability { .. })));
         assert!(!path.exists());
     }
