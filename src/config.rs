@@ -22,6 +22,9 @@ pub struct Config {
     pub engine: Option<Engine>,
     /// When a write counts as durable.
     pub durability: Durability,
+    /// Bytes the store keeps free on its file system: a write that would eat
+    /// into them is refused (`StoreError::InsufficientStorage`, nothing changes).
+    pub free_bytes_min: u64,
     /// The bounds the node enforces.
     pub limits: Limits,
     /// Keep data in memory only (tests, simulation): nothing survives the process,
@@ -41,6 +44,7 @@ impl Config {
             data_dir: data_dir.into(),
             engine: None,
             durability: Durability::default(),
+            free_bytes_min: store::FREE_BYTES_MIN_DEFAULT,
             limits: Limits::default(),
             in_memory: false,
             invariants: Arc::new(Invariants::none()),
@@ -67,7 +71,12 @@ impl Config {
                 NodeError::from(store::StoreError::Io { path: self.data_dir.clone(), source })
             })?;
             let id = store::load_or_create_node_id(&self.data_dir)?;
-            let store = store::open(self.engine, &self.store_dir(), self.durability)?;
+            let store = store::open_reserving(
+                self.engine,
+                &self.store_dir(),
+                self.durability,
+                self.free_bytes_min,
+            )?;
             (id, Arc::from(store))
         };
         Ok(Node::open(NodeId(id), store, self.limits.clone())?

@@ -129,6 +129,9 @@ impl NodeError {
             NodeError::PreconditionFailed { .. } => "precondition_failed",
             NodeError::InvariantViolation { .. } => "invariant_violation",
             NodeError::CoordinationUnavailable { .. } => "coordination_unavailable",
+            NodeError::Store { source: StoreError::InsufficientStorage { .. } } => {
+                "insufficient_storage"
+            }
             NodeError::Store { .. }
             | NodeError::Corrupt { .. }
             | NodeError::CorruptIndex { .. } => "internal",

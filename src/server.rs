@@ -319,8 +319,8 @@ async fn start_quorum(
         Arc::new(MemoryStore::new())
     } else {
         let dir = config.node.data_dir.join("quorum");
-        let engine = config.node.engine;
-        let open = move || store::open(engine, &dir, Durability::Sync);
+        let (engine, free_bytes_min) = (config.node.engine, config.node.free_bytes_min);
+        let open = move || store::open_reserving(engine, &dir, Durability::Sync, free_bytes_min);
         match tokio::task::spawn_blocking(open).await {
             Ok(store) => Arc::from(store.map_err(NodeError::from)?),
             Err(join) => std::panic::resume_unwind(join.into_panic()),

@@ -2,6 +2,7 @@
 //! stable code and its status (DESIGN.md §7), mapped in one place.
 
 use crate::replication::cluster::ClusterError;
+use crate::store::StoreError;
 use crate::NodeError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -101,6 +102,9 @@ fn node_status(error: &NodeError) -> StatusCode {
         | NodeError::InvariantViolation { .. } => StatusCode::CONFLICT,
         NodeError::CoordinationUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+        NodeError::Store { source: StoreError::InsufficientStorage { .. } } => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
         NodeError::Store { .. }
         | NodeError::Corrupt { .. }
         | NodeError::CorruptIndex { .. }

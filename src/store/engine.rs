@@ -3,7 +3,8 @@
 //! (see `marker.rs`) says that engine made it, in a format this build reads.
 
 use super::marker::{self, Marker};
-use super::{Durability, FjallStore, RedbStore, SledStore, Store, StoreError};
+use super::FREE_BYTES_MIN_DEFAULT;
+use super::{Durability, FjallStore, RedbStore, SledStore, SpaceGuard, Store, StoreError};
 use std::path::Path;
 
 /// A disk engine.
@@ -110,10 +111,23 @@ fn check(dir: &Path, found: Engine, requested: Option<Engine>) -> Result<Engine,
 /// sled store from before markers) with [`StoreError::BadMarker`]; in each case
 /// nothing on disk changes. A sled directory from before markers opens with
 /// sled, and gets its marker once sled has opened it.
+///
+/// The store refuses writes that would leave less than
+/// [`FREE_BYTES_MIN_DEFAULT`] free on its file system ([`SpaceGuard`]).
 pub fn open(
     engine: Option<Engine>,
     dir: &Path,
     durability: Durability,
+) -> Result<Box<dyn Store>, StoreError> {
+    open_reserving(engine, dir, durability, FREE_BYTES_MIN_DEFAULT)
+}
+
+/// [`open`], keeping `free_bytes_min` bytes free instead of the default.
+pub fn open_reserving(
+    engine: Option<Engine>,
+    dir: &Path,
+    durability: Durability,
+    free_bytes_min: u64,
 ) -> Result<Box<dyn Store>, StoreError> {
     let durability = durability.validate()?;
     let mut legacy = false;
@@ -148,7 +162,7 @@ pub fn open(
         let created = marker::create(dir, Marker::current(Engine::Sled))?;
         check(dir, created.engine, Some(Engine::Sled))?;
     }
-    Ok(store)
+    Ok(Box::new(SpaceGuard::new(store, dir, free_bytes_min)?))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //!   with the engine that made it.
 //! - `marker.rs`: the store directory's marker file (engine, format version).
 //! - `memory.rs`: [`MemoryStore`].
+//! - `space.rs`: [`SpaceGuard`], which refuses writes before the disk is full.
 //! - `node_id.rs`: the node id file.
 
 mod commit_policy;
@@ -29,18 +30,20 @@ mod memory;
 mod node_id;
 mod redb_engine;
 mod sled_engine;
+mod space;
 
 pub use durability::{
     Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, NONE_UNFLUSHED_BATCHES_MAX,
     UNFLUSHED_BATCHES_MAX,
 };
-pub use engine::{open, Engine, UnknownEngine};
+pub use engine::{open, open_reserving, Engine, UnknownEngine};
 pub use fjall_engine::FjallStore;
 pub use marker::{STORE_FORMAT_VERSION, STORE_MARKER_FILE};
 pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use redb_engine::RedbStore;
 pub use sled_engine::SledStore;
+pub use space::{SpaceGuard, FREE_BYTES_MIN_DEFAULT};
 
 use crate::metrics::Histogram;
 use std::collections::BTreeSet;
@@ -203,6 +206,19 @@ pub enum StoreError {
         path: PathBuf,
         /// What is wrong.
         reason: &'static str,
+    },
+    /// The file system holding the store has too little free space for this
+    /// batch and the reserve the store keeps ([`FREE_BYTES_MIN_DEFAULT`]). The
+    /// batch was refused before the engine saw it: nothing changed. Reads keep
+    /// working, and writes are accepted again once space is freed.
+    #[error("{}: {available_bytes} bytes free, this write needs {needed_bytes} (with the reserve); free some space", path.display())]
+    InsufficientStorage {
+        /// The store directory.
+        path: PathBuf,
+        /// Bytes free for the store when it looked.
+        available_bytes: u64,
+        /// Bytes the batch needs free, the reserve included.
+        needed_bytes: u64,
     },
     /// The durability setting cannot be used. Nothing was opened.
     #[error("durability {durability:?}: {reason}")]
