@@ -186,10 +186,11 @@ enum DurabilityArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum EngineArg {
-    /// sled 0.34.7, a log-structured B-tree: the engine of calmkv's first
-    /// data directories.
+    /// sled 0.34.7, a log-structured B-tree: opens the data directories it
+    /// made (calmkv's first engine); makes no new ones, since it never reclaims
+    /// overwritten values while calmkv runs it.
     Sled,
-    /// fjall 3, an LSM tree with a journal.
+    /// fjall 3, an LSM tree with a journal (the default for new directories).
     Fjall,
     /// redb 5, a copy-on-write B-tree in one file.
     Redb,
@@ -215,7 +216,7 @@ struct ServeArgs {
     http_addr: String,
     /// The storage engine. A new data directory records it; an existing one
     /// keeps the engine that created it, so naming another is refused (nothing
-    /// changes). Without it: the directory's own engine, or sled for a new one.
+    /// changes). Without it: the directory's own engine, or fjall for a new one.
     #[arg(long, env = "CALMKV_ENGINE", value_enum)]
     engine: Option<EngineArg>,
     /// When a write is acknowledged.

@@ -1,5 +1,6 @@
 //! `--engine`: the binary creates a data directory with the engine it is
-//! given, reopens it with that engine alone, and says what each engine is.
+//! given (fjall or redb; sled only opens the stores it made before), reopens it
+//! with that engine alone, and says what each engine is.
 #![cfg(unix)]
 
 mod process;
@@ -17,10 +18,37 @@ fn serve_help_names_every_engine() {
 }
 
 #[test]
+fn sled_makes_no_new_data_directory() {
+    let temp = tempfile::tempdir().unwrap();
+    let data_dir = temp.path().join("data");
+    let dir = data_dir.to_str().unwrap();
+    let refused = process::run(&[
+        "serve",
+        "--data-dir",
+        dir,
+        "--http-addr",
+        "127.0.0.1:0",
+        "--engine",
+        "sled",
+    ]);
+    refused.assert_failure();
+    assert!(refused.stderr.contains("existing store directories only"), "{refused:#?}");
+    assert!(!data_dir.join("store").exists(), "the refused start made a store");
+}
+
+#[test]
 fn a_data_directory_keeps_its_engine_and_refuses_another() {
     for (made_by, other) in [("fjall", "redb"), ("redb", "sled"), ("sled", "fjall")] {
         let temp = tempfile::tempdir().unwrap();
         let data_dir = temp.path().join("data");
+        if made_by == "sled" {
+            // A store as calmkv made them before markers (sled makes no new ones).
+            let sled = calmkv::store::SledStore::open(
+                &data_dir.join("store"),
+                calmkv::store::Durability::Sync,
+            );
+            drop(sled.unwrap());
+        }
         let mut server = ServerProcess::start_in(&data_dir, &["--engine", made_by]);
         process::run(&["put", "k", made_by, "--url", &server.url()]).assert_success();
         server.terminate().assert_success();

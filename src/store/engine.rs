@@ -10,10 +10,13 @@ use std::path::Path;
 /// A disk engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Engine {
-    /// sled 0.34.7: a log-structured B-tree (calmkv's first engine).
-    #[default]
+    /// sled 0.34.7: a log-structured B-tree, calmkv's first engine. It opens
+    /// the store directories it made, and makes no new ones
+    /// ([`StoreError::EngineRetired`]): it fails the space test (overwritten
+    /// values are never reclaimed while calmkv runs it).
     Sled,
     /// fjall 3: an LSM tree with a journal.
+    #[default]
     Fjall,
     /// redb 5: a copy-on-write B-tree in one file.
     Redb,
@@ -22,6 +25,14 @@ pub enum Engine {
 impl Engine {
     /// Every engine.
     pub const ALL: [Engine; 3] = [Engine::Sled, Engine::Fjall, Engine::Redb];
+
+    /// The engines that make new store directories.
+    pub const FOR_NEW_STORES: [Engine; 2] = [Engine::Fjall, Engine::Redb];
+
+    /// Whether the engine makes new store directories (sled only opens old ones).
+    pub fn makes_new_stores(self) -> bool {
+        Engine::FOR_NEW_STORES.contains(&self)
+    }
 
     /// The engine's name, as `--engine` and the marker file spell it.
     pub fn name(self) -> &'static str {
@@ -135,9 +146,12 @@ pub fn open_reserving(
         Some(found) => check(dir, found.engine, engine)?,
         None => match unmarked(dir)? {
             Unmarked::Empty => {
+                let new = engine.unwrap_or_default();
+                if !new.makes_new_stores() {
+                    return Err(StoreError::EngineRetired { path: dir.to_path_buf(), engine: new });
+                }
                 std::fs::create_dir_all(dir)
                     .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
-                let new = engine.unwrap_or_default();
                 // Another process may have won the race with another engine.
                 let created = marker::create(dir, Marker::current(new))?;
                 check(dir, created.engine, Some(new))?
@@ -197,9 +211,39 @@ mod tests {
         assert!("Sled".parse::<Engine>().is_err());
     }
 
+    /// Makes a store of `engine` in `dir` holding `k = v`: sled's the way calmkv
+    /// made them before markers, then opened once through [`open`].
+    fn make(engine: Engine, dir: &Path) {
+        if engine == Engine::Sled {
+            let sled = SledStore::open(dir, Durability::Sync).unwrap();
+            sled.apply(Batch::new().put("k", "v")).unwrap();
+            drop(sled);
+            drop(open(Some(Engine::Sled), dir, Durability::Sync).unwrap());
+        } else {
+            let store = open(Some(engine), dir, Durability::Sync).unwrap();
+            store.apply(Batch::new().put("k", "v")).unwrap();
+        }
+    }
+
+    #[test]
+    fn sled_makes_no_new_store_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let result = open(Some(Engine::Sled), &path, Durability::Sync);
+        assert!(
+            matches!(result, Err(StoreError::EngineRetired { engine: Engine::Sled, .. })),
+            "{:?}",
+            result.err()
+        );
+        assert!(!path.exists());
+        let empty = tempfile::tempdir().unwrap();
+        assert!(open(Some(Engine::Sled), empty.path(), Durability::Sync).is_err());
+        assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn a_new_directory_records_its_engine_and_reopens_with_it() {
-        for engine in Engine::ALL {
+        for engine in Engine::FOR_NEW_STORES {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("store");
             let store = open(Some(engine), &path, Durability::Sync).unwrap();
@@ -215,9 +259,7 @@ mod tests {
     fn another_engine_is_refused_and_changes_nothing_on_disk() {
         for made_by in Engine::ALL {
             let dir = tempfile::tempdir().unwrap();
-            let store = open(Some(made_by), dir.path(), Durability::Sync).unwrap();
-            store.apply(Batch::new().put("k", "v")).unwrap();
-            drop(store);
+            make(made_by, dir.path());
             let before = snapshot(dir.path());
             for other in Engine::ALL.into_iter().filter(|e| *e != made_by) {
                 let result = open(Some(other), dir.path(), Durability::Sync);

@@ -187,6 +187,15 @@ pub enum StoreError {
         /// The engine asked for.
         requested: Engine,
     },
+    /// A new store directory was asked of an engine that only opens existing
+    /// ones (sled). Nothing was created.
+    #[error("{}: {engine} opens existing store directories only; make new ones with fjall or redb", path.display())]
+    EngineRetired {
+        /// The store directory.
+        path: PathBuf,
+        /// The engine asked for.
+        engine: Engine,
+    },
     /// The store directory is of a newer format than this build reads (a newer
     /// calmkv made it). Nothing on disk changed.
     #[error("{} is in store format {found}; this build reads format {supported} and older", path.display())]
