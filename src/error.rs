@@ -183,6 +183,9 @@ impl NodeError {
             NodeError::InvariantViolation { .. } => "invariant_violation",
             NodeError::CoordinationUnavailable { .. }
             | NodeError::CoordinationIndeterminate { .. } => "coordination_unavailable",
+            NodeError::Store { source: StoreError::InsufficientStorage { .. } } => {
+                "insufficient_storage"
+            }
             NodeError::Store { .. }
             | NodeError::Corrupt { .. }
             | NodeError::CorruptIndex { .. } => "internal",

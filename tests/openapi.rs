@@ -161,6 +161,13 @@ fn every_node_error() -> Vec<NodeError> {
         NodeError::LimitExceeded { key: "k".into(), what: "w".into() },
         NodeError::PreconditionFailed { key: "k".into() },
         NodeError::Store { source: StoreError::FlushFailed { reason: "r".into() } },
+        NodeError::Store {
+            source: StoreError::InsufficientStorage {
+                path: "store".into(),
+                available_bytes: 1,
+                needed_bytes: 2,
+            },
+        },
         NodeError::CorruptIndex { entry: "e".into() },
         NodeError::Corrupt { key: "k".into(), source: decode_error },
         NodeError::InvalidConfig { reason: "r".into() },
@@ -234,6 +241,7 @@ fn every_error_code_the_api_produces_is_in_the_spec_with_its_design_status() {
         ("insufficient_harvest", 503),
         ("insufficient_replicas", 503),
         ("idempotency_key_reused", 422),
+        ("insufficient_storage", 507),
         ("internal", 500),
     ]
     .into();

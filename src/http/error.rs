@@ -2,6 +2,7 @@
 //! stable code and its status (the design's public contract), mapped in one place.
 
 use crate::replication::cluster::ClusterError;
+use crate::store::StoreError;
 use crate::NodeError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -113,6 +114,9 @@ fn node_status(error: &NodeError) -> StatusCode {
             StatusCode::SERVICE_UNAVAILABLE
         }
         NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+        NodeError::Store { source: StoreError::InsufficientStorage { .. } } => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
         NodeError::Store { .. }
         | NodeError::Corrupt { .. }
         | NodeError::CorruptIndex { .. }
