@@ -748,3 +748,49 @@ async fn a_voter_catching_up_on_more_than_a_frame_of_entries_gets_them_in_severa
         member.group.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_cut_off_for_many_election_timeouts_does_not_depose_the_leader_when_it_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let (proxies, members) = three_behind_proxies(root.path()).await;
+    let leader = leader_of(&members).await;
+    fund(&members, "account/p", 10);
+    decr(&members[0], "account/p", 1, DEADLINE).await.unwrap();
+    let term = members[(leader - 1) as usize].group.status().term;
+    let cut = (0..3).find(|i| *i as u64 + 1 != leader).unwrap();
+    let steady = |members: &[Member]| {
+        for (i, member) in members.iter().enumerate() {
+            let status = member.group.status();
+            assert_eq!(status.term, term, "voter {} changed term: {status:?}", i + 1);
+            if i != cut {
+                assert_eq!(status.leader, Some(leader), "voter {}: {status:?}", i + 1);
+            }
+        }
+    };
+
+    // Nothing reaches the cut voter for ten lease periods (4 s; the lease is
+    // 400 ms here): it keeps asking for pre-votes, which the others refuse,
+    // and its term does not move. The others keep their leader meanwhile.
+    proxies[cut].set(Mode::Block);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        steady(&members);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    decr(&members[(leader - 1) as usize], "account/p", 1, DEADLINE).await.unwrap();
+
+    // Healed: it catches up under the same leader, in the same term.
+    proxies[cut].set(Mode::Pass);
+    admitted_everywhere(&members, "account/p", 8).await;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        steady(&members);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(members[cut].group.status().leader, Some(leader));
+    decr(&members[cut], "account/p", 1, DEADLINE).await.unwrap();
+    admitted_everywhere(&members, "account/p", 7).await;
+    for member in &members {
+        member.group.shutdown().await;
+    }
+}

@@ -49,6 +49,9 @@ pub enum Request {
     Vote(VoteRequest<u64>),
     /// Raft snapshot transfer (a chunk).
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Would the receiver vote for the sender? Asked before an election
+    /// (see [`super::election`]); changes nothing on either side.
+    PreVote(super::election::PreVote),
     /// A proposal to commit; `hops` counts forwards so far.
     Propose {
         /// The proposal, with its idempotency key.
@@ -85,6 +88,11 @@ pub enum Response {
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// To [`Request::Propose`].
     Propose(Result<Outcome, ProposeFailure>),
+    /// To [`Request::PreVote`].
+    PreVote {
+        /// Whether the receiver would vote for the sender.
+        granted: bool,
+    },
     /// The request was refused unread by Raft (a term past [`TERM_MAX`]):
     /// nothing was done.
     Refused {
