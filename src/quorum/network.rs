@@ -299,6 +299,7 @@ pub async fn serve<H: Handler>(
     limits: ListenerLimits,
 ) {
     let mut connections = tokio::task::JoinSet::new();
+    let refusing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
@@ -320,6 +321,13 @@ pub async fn serve<H: Handler>(
         };
         if connections.len() >= limits.connections_max {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            // Refusals being answered are bounded too: past as many again,
+            // the connection is dropped unanswered.
+            if refusing.load(Ordering::Relaxed) >= limits.connections_max {
+                continue;
+            }
+            refusing.fetch_add(1, Ordering::Relaxed);
+            let refusing = refusing.clone();
             let busy = Response::Refused {
                 reason: format!("more than {} quorum connections", limits.connections_max),
             };
@@ -337,7 +345,10 @@ pub async fn serve<H: Handler>(
                         tokio::io::copy(&mut { drain }, &mut sink).await
                     };
                     let _ = tokio::time::timeout(limits.handshake_timeout, answer).await;
+                    refusing.fetch_sub(1, Ordering::Relaxed);
                 });
+            } else {
+                refusing.fetch_sub(1, Ordering::Relaxed);
             }
             continue;
         }
