@@ -1,5 +1,5 @@
 //! The quorum: a Raft group (openraft) of a few voter nodes that serializes
-//! the operations declared invariants route to it (DESIGN.md §6).
+//! the operations declared invariants route to it (see docs/invariants.md).
 //!
 //! Voters are listed by their quorum address, the same list on every node
 //! (`--voters a,b,c`); a voter's Raft id is its position in the list plus one.
