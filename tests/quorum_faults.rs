@@ -794,3 +794,47 @@ async fn a_voter_cut_off_for_many_election_timeouts_does_not_depose_the_leader_w
         member.group.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_repeated_idempotency_key_is_answered_once_and_a_reused_one_is_422() {
+    use calmkv::server::{QuorumOptions, Server, ServerConfig};
+    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let quorum_addr = probe.local_addr().unwrap().to_string();
+    drop(probe);
+    let invariants = Arc::new(Invariants::parse(BANK).unwrap());
+    let mut config = ServerConfig::new(Config { invariants, ..Config::in_memory() }, "127.0.0.1:0");
+    config.peer_addr = Some("127.0.0.1:0".into());
+    config.quorum = Some(QuorumOptions {
+        voters: vec![quorum_addr.clone()],
+        listen: Some(quorum_addr),
+        id: None,
+        timings: timings(),
+    });
+    let server = Server::start(config).await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while server.quorum().unwrap().status().leader.is_none() {
+        assert!(Instant::now() < deadline, "no quorum leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}/v1/kv/account/h", server.http_addr());
+    let post = |body: &'static str, key: &'static str| {
+        http.post(&url).header("Idempotency-Key", key).body(body).send()
+    };
+    let funded = post(r#"{"counter":{"incr":10}}"#, "fund-1").await.unwrap();
+    assert_eq!(funded.status(), 200);
+    for _ in 0..2 {
+        let debit = post(r#"{"counter":{"decr":3}}"#, "debit-1").await.unwrap();
+        assert_eq!(debit.status(), 200);
+        assert_eq!(debit.headers()["x-coordination"], "quorum");
+        let body: serde_json::Value = debit.json().await.unwrap();
+        assert_eq!(body["value"], 7, "{body}");
+    }
+    let reused = post(r#"{"counter":{"decr":4}}"#, "debit-1").await.unwrap();
+    assert_eq!(reused.status(), 422);
+    let body: serde_json::Value = reused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused", "{body}");
+    let read: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(read["value"], 7, "debited once: {read}");
+    server.shutdown().await.unwrap();
+}
