@@ -167,7 +167,7 @@ impl NodeError {
         }
     }
 
-    /// The stable code of DESIGN.md §7 for this error.
+    /// The stable code of this error in the HTTP API (docs/openapi.yaml).
     pub fn code(&self) -> &'static str {
         match self {
             NodeError::BadKey { .. } => "bad_key",

@@ -748,3 +748,93 @@ async fn a_voter_catching_up_on_more_than_a_frame_of_entries_gets_them_in_severa
         member.group.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_cut_off_for_many_election_timeouts_does_not_depose_the_leader_when_it_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let (proxies, members) = three_behind_proxies(root.path()).await;
+    let leader = leader_of(&members).await;
+    fund(&members, "account/p", 10);
+    decr(&members[0], "account/p", 1, DEADLINE).await.unwrap();
+    let term = members[(leader - 1) as usize].group.status().term;
+    let cut = (0..3).find(|i| *i as u64 + 1 != leader).unwrap();
+    let steady = |members: &[Member]| {
+        for (i, member) in members.iter().enumerate() {
+            let status = member.group.status();
+            assert_eq!(status.term, term, "voter {} changed term: {status:?}", i + 1);
+            if i != cut {
+                assert_eq!(status.leader, Some(leader), "voter {}: {status:?}", i + 1);
+            }
+        }
+    };
+
+    // Nothing reaches the cut voter for ten lease periods (4 s; the lease is
+    // 400 ms here): it keeps asking for pre-votes, which the others refuse,
+    // and its term does not move. The others keep their leader meanwhile.
+    proxies[cut].set(Mode::Block);
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        steady(&members);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    decr(&members[(leader - 1) as usize], "account/p", 1, DEADLINE).await.unwrap();
+
+    // Healed: it catches up under the same leader, in the same term.
+    proxies[cut].set(Mode::Pass);
+    admitted_everywhere(&members, "account/p", 8).await;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        steady(&members);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(members[cut].group.status().leader, Some(leader));
+    decr(&members[cut], "account/p", 1, DEADLINE).await.unwrap();
+    admitted_everywhere(&members, "account/p", 7).await;
+    for member in &members {
+        member.group.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_repeated_idempotency_key_is_answered_once_and_a_reused_one_is_422() {
+    use calmkv::server::{QuorumOptions, Server, ServerConfig};
+    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let quorum_addr = probe.local_addr().unwrap().to_string();
+    drop(probe);
+    let invariants = Arc::new(Invariants::parse(BANK).unwrap());
+    let mut config = ServerConfig::new(Config { invariants, ..Config::in_memory() }, "127.0.0.1:0");
+    config.peer_addr = Some("127.0.0.1:0".into());
+    config.quorum = Some(QuorumOptions {
+        voters: vec![quorum_addr.clone()],
+        listen: Some(quorum_addr),
+        id: None,
+        timings: timings(),
+    });
+    let server = Server::start(config).await.unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while server.quorum().unwrap().status().leader.is_none() {
+        assert!(Instant::now() < deadline, "no quorum leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{}/v1/kv/account/h", server.http_addr());
+    let post = |body: &'static str, key: &'static str| {
+        http.post(&url).header("Idempotency-Key", key).body(body).send()
+    };
+    let funded = post(r#"{"counter":{"incr":10}}"#, "fund-1").await.unwrap();
+    assert_eq!(funded.status(), 200);
+    for _ in 0..2 {
+        let debit = post(r#"{"counter":{"decr":3}}"#, "debit-1").await.unwrap();
+        assert_eq!(debit.status(), 200);
+        assert_eq!(debit.headers()["x-coordination"], "quorum");
+        let body: serde_json::Value = debit.json().await.unwrap();
+        assert_eq!(body["value"], 7, "{body}");
+    }
+    let reused = post(r#"{"counter":{"decr":4}}"#, "debit-1").await.unwrap();
+    assert_eq!(reused.status(), 422);
+    let body: serde_json::Value = reused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused", "{body}");
+    let read: serde_json::Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(read["value"], 7, "debited once: {read}");
+    server.shutdown().await.unwrap();
+}

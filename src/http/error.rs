@@ -1,5 +1,5 @@
 //! HTTP errors: every refusal as `{"error":{"code":"...","message":"..."}}` with a
-//! stable code and its status (the design's public contract), mapped in one place.
+//! stable code and its status (docs/openapi.yaml), mapped in one place.
 
 use crate::replication::cluster::ClusterError;
 use crate::store::StoreError;

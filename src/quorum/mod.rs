@@ -1,5 +1,5 @@
 //! The quorum: a Raft group (openraft) of a few voter nodes that serializes
-//! the operations declared invariants route to it (DESIGN.md §6).
+//! the operations declared invariants route to it (see docs/invariants.md).
 //!
 //! Voters are listed by their quorum address, the same list on every node
 //! (`--voters a,b,c`); a voter's Raft id is its position in the list plus one.
@@ -18,6 +18,7 @@
 //! also has every increment it was counted against, and the rule holds on every
 //! replica at every moment.
 
+pub mod election;
 pub mod idempotency;
 pub mod network;
 pub mod store;
@@ -139,7 +140,8 @@ struct Voter {
     id: u64,
     raft: Raft<TypeConfig>,
     store: QuorumStore,
-    listener: JoinHandle<()>,
+    /// The listener and campaign tasks, taken (and awaited) at shutdown.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A node's part in the quorum: a voter (with its Raft) or a client of the
@@ -158,6 +160,9 @@ struct Serving {
     raft: Raft<TypeConfig>,
     group: std::sync::Weak<QuorumGroup>,
     metrics: Arc<NetworkMetrics>,
+    store: QuorumStore,
+    contact: Arc<election::Contact>,
+    lease: Duration,
 }
 
 impl Serving {
@@ -167,14 +172,31 @@ impl Serving {
             Request::AppendEntries(rpc) => Some(&rpc.vote),
             Request::Vote(rpc) => Some(&rpc.vote),
             Request::InstallSnapshot(rpc) => Some(&rpc.vote),
-            Request::Propose { .. } => None,
+            Request::PreVote(_) | Request::Propose { .. } => None,
         }
+    }
+
+    /// Answers a pre-vote from this voter's own view; changes nothing.
+    fn pre_vote(&self, request: &election::PreVote) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        election::grant(
+            request,
+            metrics.current_term,
+            election::last_log_id(&metrics, &self.store),
+            metrics.state.is_leader(),
+            self.contact.since(),
+            self.lease,
+        )
     }
 }
 
 impl Handler for Serving {
     async fn handle(&self, request: Request) -> Response {
-        if Self::vote_of(&request).is_some_and(|vote| !network::term_ok(vote)) {
+        let absurd = match &request {
+            Request::PreVote(pre_vote) => pre_vote.term > network::TERM_MAX,
+            other => Self::vote_of(other).is_some_and(|vote| !network::term_ok(vote)),
+        };
+        if absurd {
             self.metrics.terms_refused.fetch_add(1, Ordering::Relaxed);
             return Response::Refused {
                 reason: format!("a term past the bound of {}", network::TERM_MAX),
@@ -182,12 +204,25 @@ impl Handler for Serving {
         }
         match request {
             Request::AppendEntries(rpc) => {
-                Response::AppendEntries(self.raft.append_entries(rpc).await)
+                let answer = self.raft.append_entries(rpc).await;
+                // Any answer but "your vote is lower" accepts the sender as
+                // leader: this voter has heard from one.
+                if matches!(&answer, Ok(response) if !matches!(response, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+                {
+                    self.contact.touch();
+                }
+                Response::AppendEntries(answer)
             }
             Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
             Request::InstallSnapshot(rpc) => {
-                Response::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+                let term = rpc.vote.leader_id().term;
+                let answer = self.raft.install_snapshot(rpc).await;
+                if matches!(&answer, Ok(response) if response.vote.leader_id().term <= term) {
+                    self.contact.touch();
+                }
+                Response::InstallSnapshot(answer)
             }
+            Request::PreVote(pre_vote) => Response::PreVote { granted: self.pre_vote(&pre_vote) },
             Request::Propose { proposal, hops, timeout_ms } => {
                 let timeout = match timeout_ms {
                     0 => network::RPC_TIMEOUT,
@@ -271,6 +306,9 @@ impl QuorumGroup {
             heartbeat_interval: config.timings.heartbeat.as_millis() as u64,
             election_timeout_min: config.timings.election_min.as_millis() as u64,
             election_timeout_max: 2 * config.timings.election_min.as_millis() as u64,
+            // Elections are started by the pre-vote (see `election`), never
+            // by openraft's own timer.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -304,11 +342,23 @@ impl QuorumGroup {
                 .map_err(|source| QuorumError::Bind { addr: listen.clone(), source })?,
         };
         let voters = config.voters.clone();
+        let contact = Arc::new(election::Contact::new());
+        let campaign = tokio::spawn(election::campaign(
+            raft.clone(),
+            quorum_store.clone(),
+            contact.clone(),
+            id,
+            config.timings,
+            config.secret.clone(),
+        ));
         let group = Arc::new_cyclic(|weak: &std::sync::Weak<QuorumGroup>| {
             let serving = Arc::new(Serving {
                 raft: raft.clone(),
                 group: weak.clone(),
                 metrics: metrics.clone(),
+                store: quorum_store.clone(),
+                contact,
+                lease: election::lease(&config.timings),
             });
             let task = tokio::spawn(network::serve(
                 listener,
@@ -320,7 +370,12 @@ impl QuorumGroup {
             QuorumGroup {
                 voters,
                 secret: config.secret.clone(),
-                voter: Some(Voter { id, raft: raft.clone(), store: quorum_store, listener: task }),
+                voter: Some(Voter {
+                    id,
+                    raft: raft.clone(),
+                    store: quorum_store,
+                    tasks: std::sync::Mutex::new(vec![task, campaign]),
+                }),
                 node,
                 next_voter: AtomicUsize::new(0),
                 metrics: metrics.clone(),
@@ -655,10 +710,17 @@ impl QuorumGroup {
         Ok(())
     }
 
-    /// Stops this node's Raft and listener.
+    /// Stops this node's Raft, its elections and its listener (closed when
+    /// this returns).
     pub async fn shutdown(&self) {
         if let Some(voter) = &self.voter {
-            voter.listener.abort();
+            let tasks = std::mem::take(&mut *voter.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+            for task in tasks {
+                task.abort();
+                // Awaited: once this returns, the quorum port is closed and
+                // can be bound again.
+                let _ = task.await;
+            }
             let _ = voter.raft.shutdown().await;
         }
     }

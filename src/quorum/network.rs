@@ -49,6 +49,9 @@ pub enum Request {
     Vote(VoteRequest<u64>),
     /// Raft snapshot transfer (a chunk).
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Would the receiver vote for the sender? Asked before an election
+    /// (see [`super::election`]); changes nothing on either side.
+    PreVote(super::election::PreVote),
     /// A proposal to commit; `hops` counts forwards so far.
     Propose {
         /// The proposal, with its idempotency key.
@@ -85,6 +88,11 @@ pub enum Response {
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// To [`Request::Propose`].
     Propose(Result<Outcome, ProposeFailure>),
+    /// To [`Request::PreVote`].
+    PreVote {
+        /// Whether the receiver would vote for the sender.
+        granted: bool,
+    },
     /// The request was refused unread by Raft (a term past [`TERM_MAX`]):
     /// nothing was done.
     Refused {
@@ -291,6 +299,7 @@ pub async fn serve<H: Handler>(
     limits: ListenerLimits,
 ) {
     let mut connections = tokio::task::JoinSet::new();
+    let refusing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
@@ -312,6 +321,13 @@ pub async fn serve<H: Handler>(
         };
         if connections.len() >= limits.connections_max {
             metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            // Refusals being answered are bounded too: past as many again,
+            // the connection is dropped unanswered.
+            if refusing.load(Ordering::Relaxed) >= limits.connections_max {
+                continue;
+            }
+            refusing.fetch_add(1, Ordering::Relaxed);
+            let refusing = refusing.clone();
             let busy = Response::Refused {
                 reason: format!("more than {} quorum connections", limits.connections_max),
             };
@@ -329,7 +345,10 @@ pub async fn serve<H: Handler>(
                         tokio::io::copy(&mut { drain }, &mut sink).await
                     };
                     let _ = tokio::time::timeout(limits.handshake_timeout, answer).await;
+                    refusing.fetch_sub(1, Ordering::Relaxed);
                 });
+            } else {
+                refusing.fetch_sub(1, Ordering::Relaxed);
             }
             continue;
         }

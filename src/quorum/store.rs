@@ -297,6 +297,12 @@ impl QuorumStore {
         Ok(out)
     }
 
+    /// The id of the log entry at `index`, if the log still holds it.
+    pub fn log_id_at(&self, index: u64) -> Option<LogId<u64>> {
+        let bytes = self.inner.store.get(&log_key(index)).ok()??;
+        decode::<Entry<TypeConfig>>(&bytes).ok().map(|entry| entry.log_id)
+    }
+
     /// Deletes the log entries with index in `[from, to]`.
     fn delete_range(&self, from: u64, to: u64) -> Result<(), Error> {
         let keys: Vec<Vec<u8>> = self
