@@ -21,17 +21,23 @@
 //!
 //! # Layout
 //!
+//! `docs/design.md` is the whole picture; in short:
+//!
 //! - [`Db`] and its typed handles (`db.rs`): the embedded face.
 //! - [`Node`] (`node.rs`): applies [`Op`]s (`op.rs`) to keys, reads and scans.
 //!   Both faces call it and nothing else.
 //! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
-//! - `store/`: the [`Store`](store::Store) trait, the sled and in-memory engines,
-//!   durability modes and group commit, and the node id.
-//! - `replication/`: the digest of the key space (anti-entropy) and, to come,
-//!   delta push and harvest reads.
+//! - `store/`: the [`Store`](store::Store) trait, the disk engines and the
+//!   in-memory one, durability modes and group commit, the node id.
+//! - `invariants/`: declarations, the I-confluence analysis, routing.
+//! - `replication/`: the peer channel (handshake, frames, outbox), delta push,
+//!   admission of remote states, anti-entropy over the digest, harvest reads.
+//! - `quorum/`: the coordinator, an openraft group that serializes the
+//!   operations invariants route to it.
 //! - `http/`: the HTTP API (axum), its limits, errors and metrics.
 //! - [`server::Server`] (`server.rs`): a whole running node — store, HTTP, peer
-//!   channel, anti-entropy — for `calmkv serve`, `calmkv demo` and the examples.
+//!   channel, gossip, coordinator, anti-entropy — for `calmkv serve`,
+//!   `calmkv demo` and the examples.
 //! - [`Config`] and [`Limits`]: every setting and bound.
 
 pub mod config;

@@ -2,7 +2,7 @@
 //! an [`Op`], an embedded handle constructs one, and both hand it to
 //! [`Node::apply`](crate::Node::apply). Nothing else decides what a write does.
 //!
-//! CRDT operations ([`CrdtOp`]) deserialize from the JSON bodies of DESIGN.md §7,
+//! CRDT operations ([`CrdtOp`]) deserialize from the JSON bodies of docs/openapi.yaml,
 //! e.g. `{"counter":{"incr":5}}`, `{"set":{"add":["a"],"remove":["b"]}}`,
 //! `{"map":{"update":{"qty":{"counter":{"incr":1}}}}}`, `{"flag":"enable"}`.
 

@@ -1,4 +1,4 @@
-//! Crash durability of the real binary (DESIGN.md §4, §9 "Real processes").
+//! Crash durability of the real binary (docs/design.md §4).
 //!
 //! Several concurrent clients write to `calmkv serve` — register PUTs of distinct
 //! random values, increments of one shared counter, adds to one shared set — and

@@ -1,4 +1,4 @@
-//! The single-node HTTP API (DESIGN.md §7) against a real server on a loopback
+//! The single-node HTTP API (docs/openapi.yaml) against a real server on a loopback
 //! port: every route, every type, auth, load shedding and the request timeout.
 
 mod common;

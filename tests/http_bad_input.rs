@@ -1,4 +1,4 @@
-//! Every malformed request and every crossed limit (DESIGN.md §7, §8) gets its
+//! Every malformed request and every crossed limit (docs/openapi.yaml, docs/design.md §9) gets its
 //! typed error, and changes nothing: the whole store (data and digest index) is
 //! compared before and after each request of the table.
 

@@ -21,7 +21,7 @@ fn rules() -> Vec<Rule> {
     ]
 }
 
-/// DESIGN.md §6's table, plus deletes: (rule, kind, needs the quorum).
+/// docs/design.md §6's table, plus deletes: (rule, kind, needs the quorum).
 #[test]
 fn every_row_of_the_table_has_its_verdict() {
     let min = Rule::Counter { min: Some(0), max: None };

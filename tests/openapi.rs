@@ -221,7 +221,7 @@ fn every_api_error() -> Vec<ApiError> {
 
 #[test]
 fn every_error_code_the_api_produces_is_in_the_spec_with_its_design_status() {
-    // DESIGN.md §7, plus the codes of the HTTP layer itself.
+    // docs/openapi.yaml, plus the codes of the HTTP layer itself.
     let design_status: BTreeMap<&str, u16> = [
         ("bad_key", 400),
         ("bad_request", 400),

@@ -64,7 +64,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Default members per set or map (DESIGN.md §8).
+    /// Default members per set or map (docs/design.md §9).
     pub const MEMBERS_MAX: usize = 100_000;
     /// Default siblings per register (docs/design.md, limits).
     pub const SIBLINGS_MAX: usize = 64;

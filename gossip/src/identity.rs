@@ -19,7 +19,7 @@ pub struct NodeMeta {
     /// Where the node accepts the peer (replication) channel.
     pub peer_addr: SocketAddr,
     /// Hash of the node's invariant declarations; peers that disagree are
-    /// refused by the node (DESIGN.md §6). This crate only carries it.
+    /// refused by the node (docs/design.md §6). This crate only carries it.
     pub invariants_hash: u64,
 }
 
@@ -37,7 +37,7 @@ impl NodeMeta {
 /// gossip packet carries two or three of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeIdentity {
-    /// The persisted node id (DESIGN.md §3).
+    /// The persisted node id (docs/design.md §3).
     pub node_id: u64,
     /// The address the node receives gossip on; foca's `Addr`.
     pub gossip_addr: SocketAddr,

@@ -2,7 +2,7 @@
 //! replicas run it without coordination and still never break the rule when
 //! their states merge?
 //!
-//! The verdicts are the table of DESIGN.md §6, specialised to calmkv's types.
+//! The verdicts are the table of docs/design.md §6, specialised to calmkv's types.
 //! Each verdict that needs the quorum comes with a counterexample that is
 //! *computed*, not written down: a bounded search runs real operations
 //! ([`crate::node::execute`]) on two replicas diverging from a common ancestor

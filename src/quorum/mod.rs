@@ -585,8 +585,13 @@ impl QuorumGroup {
         } else {
             deadline
         };
+        // Every entry is keyed: without a client's key, a fresh one. A sealed
+        // Propose frame recorded on the network and replayed, or a forward
+        // retried on another voter, is then answered with the first outcome
+        // instead of being applied again (within the window).
+        let idempotency_key = idempotency_key.unwrap_or_else(IdempotencyKey::random);
         let command =
-            Command { proposal, idempotency_key: idempotency_key.map(|k| k.as_str().to_string()) };
+            Command { proposal, idempotency_key: Some(idempotency_key.as_str().to_string()) };
         let entry_bytes = rmp_serde::to_vec_named(&command).map(|b| b.len()).unwrap_or(usize::MAX);
         if entry_bytes > network::QUORUM_ENTRY_BYTES_MAX {
             return Err(NodeError::LimitExceeded {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use tokio::sync::Notify;
 
-/// Default bound of one peer's outbox (DESIGN.md §8).
+/// Default bound of one peer's outbox (docs/design.md §9).
 pub const OUTBOX_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Frames for one peer.

@@ -241,7 +241,7 @@ pub async fn send(request: RequestBuilder) -> Response {
 }
 
 /// The status and error code of an error answer (which must be the JSON error
-/// shape of DESIGN.md §7, with a non-empty message).
+/// shape of docs/openapi.yaml, with a non-empty message).
 pub async fn error_of(response: Response) -> (StatusCode, String) {
     let (status, code, body) = answer_of(response).await;
     let code = code.unwrap_or_else(|| panic!("{status} is not a JSON error: {body:?}"));
