@@ -350,7 +350,7 @@ fn serve_refuses_a_data_dir_another_server_holds() {
     let finished = process::run(&["serve", "--data-dir", data_dir, "--http-addr", "127.0.0.1:0"]);
     finished.assert_failure();
     assert!(finished.stderr.contains("cannot open the data directory"), "{finished:#?}");
-    let lock = "could not acquire lock";
+    let lock = "is in use by another process";
     assert_eq!(finished.stderr.matches(lock).count(), 1, "each cause said once: {finished:#?}");
     assert_eq!(server.node_id().len(), 16, "the first server still serves");
 }
