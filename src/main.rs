@@ -327,7 +327,7 @@ impl ServeArgs {
         config.peer_addr = self.peer_addr.clone();
         if let Some(secret) = &self.cluster_secret {
             config.cluster_secret = Some(ClusterSecret::parse(secret).context(
-                "--cluster-secret takes 1 to 8 comma-separated secrets of at least 16 bytes each",
+                "--cluster-secret must be at least 16 bytes (each of 1 to 8 comma-separated secrets)",
             )?);
         }
         if self.quorum_addr.is_some() && self.voters.is_empty() {
