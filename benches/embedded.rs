@@ -24,10 +24,12 @@
 //! (calmkv's `None` flushes every 500 ms in the background). Keys are written
 //! once before measuring, so every peer overwrites existing keys.
 //!
-//! sled 0.34.7 deadlocks under sustained batch writes beside a periodic `flush()`,
-//! which is what calmkv's `Interval` and `None` do (docs/benchmarks.md §5.1): a
-//! watchdog ends the process with exit code 3, naming the benchmark, when no
-//! write starts for [`STALL_MAX`]. A filter runs one benchmark and skips the
+//! sled 0.34.7 can deadlock when a periodic `flush()` runs while writers are far
+//! ahead of the disk; calmkv's `Interval` and `None` flush periodically and hold
+//! writers within `UNFLUSHED_BATCHES_MAX` unflushed batches, which avoids it
+//! (docs/benchmarks.md §5.1). A watchdog stays as a guard: it ends the process
+//! with exit code 3, naming the benchmark, when no write starts for
+//! [`STALL_MAX`], instead of letting a deadlock hang the run. A filter runs one benchmark and skips the
 //! setup of the others: `cargo bench --bench embedded -- register_put/db/none`.
 //!
 //! Run: `cargo bench --bench embedded` (about 2 minutes; see docs/benchmarks.md).

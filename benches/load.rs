@@ -84,8 +84,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
     /// Servers to drive, in order (comma-separated) [default:
-    /// null,calmkv-sync,calmkv-none; the smoke run leaves out calmkv-none, which
-    /// can deadlock (docs/benchmarks.md)].
+    /// null,calmkv-sync,calmkv-none].
     #[arg(long, value_enum, value_delimiter = ',')]
     targets: Option<Vec<Target>>,
     /// Workloads per server, in order (comma-separated).
@@ -208,7 +207,6 @@ fn main() -> anyhow::Result<()> {
         args.requests_max = args.requests_max.min(SMOKE_REQUESTS_MAX);
         args.connections = args.connections.min(SMOKE_CONNECTIONS);
         args.keys_per_connection = args.keys_per_connection.min(SMOKE_KEYS);
-        args.targets.get_or_insert_with(|| vec![Target::Null, Target::CalmkvSync]);
     }
     args.targets.get_or_insert_with(|| vec![Target::Null, Target::CalmkvSync, Target::CalmkvNone]);
     if args.connections == 0 || args.keys_per_connection == 0 || args.client_threads == 0 {

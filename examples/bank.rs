@@ -92,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         .await;
     match refused {
         Err(calmkv::replication::cluster::ClusterError::Node(
-            NodeError::CoordinationUnavailable { .. },
+            NodeError::CoordinationUnavailable { .. } | NodeError::CoordinationIndeterminate { .. },
         )) => {
             println!(
                 "{:<44} refused: no quorum (503 coordination_unavailable)",

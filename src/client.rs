@@ -26,6 +26,16 @@ pub struct Conn {
     /// trusted: there are no built-in roots).
     #[arg(long, env = "CALMKV_CA_CERT")]
     ca_cert: Option<std::path::PathBuf>,
+    /// Writes: the `Idempotency-Key` to send (default: a fresh random one per
+    /// command). A coordinated operation retried with the same key is applied
+    /// once; the server ignores the key on local operations.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Writes: how many times to resend after `503 coordination_unavailable`,
+    /// with the same idempotency key (safe: the quorum answers a repeat with
+    /// its first outcome).
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
 }
 
 struct Client {
@@ -68,6 +78,54 @@ impl Client {
         Err(error_of(response).await)
     }
 
+    /// Sends a write built by `build` with an idempotency key, resending it
+    /// with the same key after `503 coordination_unavailable` (at most
+    /// `--retries` times, `Retry-After` apart). Only that answer is retried:
+    /// it comes from coordinated operations alone, which honour the key, and
+    /// says the operation was not applied or may have been (so a repeat under
+    /// the same key is answered with the first outcome). A transport error is
+    /// not retried: a local operation ignores the key.
+    async fn send_write(&self, build: impl Fn() -> RequestBuilder) -> anyhow::Result<Response> {
+        let key = match &self.conn.idempotency_key {
+            Some(key) => key.clone(),
+            None => format!("{:032x}", rand::random::<u128>()),
+        };
+        let mut attempt = 0;
+        loop {
+            let request = build().header("Idempotency-Key", key.as_str());
+            let response =
+                request.send().await.with_context(|| format!("cannot reach {}", self.conn.url))?;
+            let status = response.status();
+            if status.is_success() || status == StatusCode::MULTIPLE_CHOICES {
+                return Ok(response);
+            }
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1)
+                .min(RETRY_AFTER_SECS_MAX);
+            let body = response.text().await.unwrap_or_default();
+            let json: Option<Json> = serde_json::from_str(&body).ok();
+            let code = json.as_ref().and_then(|j| j["error"]["code"].as_str());
+            if status == StatusCode::SERVICE_UNAVAILABLE
+                && code == Some("coordination_unavailable")
+                && attempt < self.conn.retries
+            {
+                attempt += 1;
+                let applied = json.as_ref().and_then(|j| j["error"]["applied"].as_str());
+                eprintln!(
+                    "coordination unavailable (applied: {}); retry {attempt} of {} with idempotency key {key}",
+                    applied.unwrap_or("unknown"),
+                    self.conn.retries
+                );
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                continue;
+            }
+            return Err(error_from(status, &body));
+        }
+    }
+
     /// The context token of the key's current value, to write over it: `None`
     /// when the key is absent. Any other failed read is an error, not "no
     /// context": writing without one would add a sibling instead of replacing.
@@ -87,19 +145,32 @@ impl Client {
     }
 
     async fn crdt(&self, key: &str, op: Json) -> anyhow::Result<Json> {
-        let response = self.send(self.request(Method::POST, &kv_path(key)).json(&op)).await?;
+        let path = kv_path(key);
+        let response = self.send_write(|| self.request(Method::POST, &path).json(&op)).await?;
         Ok(response.json().await?)
     }
 }
+
+/// The longest `Retry-After` the CLI honours between retries, in seconds.
+const RETRY_AFTER_SECS_MAX: u64 = 10;
 
 /// An error answer as an error naming its stable code: `code: message (status)`.
 async fn error_of(response: Response) -> anyhow::Error {
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
-    let error = serde_json::from_str::<Json>(&body).ok().and_then(|j| {
+    error_from(status, &body)
+}
+
+/// [`error_of`] for a body already read; a coordination failure says whether
+/// the operation was applied (`applied: no|unknown`).
+fn error_from(status: StatusCode, body: &str) -> anyhow::Error {
+    let error = serde_json::from_str::<Json>(body).ok().and_then(|j| {
         let code = j["error"]["code"].as_str()?.to_string();
         let message = j["error"]["message"].as_str()?.to_string();
-        Some(anyhow!("{code}: {message} ({status})"))
+        Some(match j["error"]["applied"].as_str() {
+            Some(applied) => anyhow!("{code}: {message} (applied: {applied}) ({status})"),
+            None => anyhow!("{code}: {message} ({status})"),
+        })
     });
     error.unwrap_or_else(|| anyhow!("{status}: {body}"))
 }
@@ -266,28 +337,37 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Put { key, value, file, context, sibling, if_absent, lww, conn } => {
             let client = Client::new(conn)?;
             let value = read_value(value, file)?;
-            let mut request = client.request(Method::PUT, &kv_path(&key)).body(value);
-            if lww {
-                request = request.query(&[("type", "lww")]);
-            } else if if_absent {
-                request = request.header("If-None-Match", "*");
-            } else if let Some(token) = context {
-                request = request.header("X-Context", token);
-            } else if !sibling {
-                if let Some(token) = client.current_context(&key).await? {
-                    request = request.header("X-Context", token);
+            let context = match context {
+                Some(token) => Some(HeaderValue::from_str(&token)?),
+                None if !sibling && !lww && !if_absent => client.current_context(&key).await?,
+                None => None,
+            };
+            let path = kv_path(&key);
+            let build = || {
+                let mut request = client.request(Method::PUT, &path).body(value.clone());
+                if lww {
+                    request = request.query(&[("type", "lww")]);
+                } else if if_absent {
+                    request = request.header("If-None-Match", "*");
+                } else if let Some(token) = &context {
+                    request = request.header("X-Context", token.clone());
                 }
-            }
-            client.send(request).await?;
+                request
+            };
+            client.send_write(build).await?;
             Ok(())
         }
         Command::Del { key, context, conn } => {
             let client = Client::new(conn)?;
-            let mut request = client.request(Method::DELETE, &kv_path(&key));
-            if let Some(token) = context {
-                request = request.header("X-Context", token);
-            }
-            client.send(request).await?;
+            let path = kv_path(&key);
+            let build = || {
+                let request = client.request(Method::DELETE, &path);
+                match &context {
+                    Some(token) => request.header("X-Context", token.as_str()),
+                    None => request,
+                }
+            };
+            client.send_write(build).await?;
             Ok(())
         }
         Command::Incr { key, amount, conn } => {

@@ -8,16 +8,24 @@ use crate::envelope::{Envelope, KeyType};
 use crate::error::NodeError;
 use crate::node::{Applied, Node, ScanPage};
 use crate::op::{Action, CounterOp, CrdtOp, FlagOp, Key, MapOp, Op, SetOp};
+use crate::quorum::idempotency::{fingerprint, IdempotencyWindow, Remembered, Seen};
+use crate::quorum::{IdempotencyKey, Outcome, WireAction};
 use crate::read::{ReadResult, TypedValue};
 use crate::Config;
 use bytes::Bytes;
 use calmkv_crdts::{CausalContext, NodeId};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 /// An embedded calmkv node with a local data directory.
 pub struct Db {
     node: Node,
+    /// Recent idempotency keys of [`Db::apply_idempotent`], for the life of
+    /// this `Db` (bounded by [`IDEMPOTENCY_WINDOW_ENTRIES`]).
+    ///
+    /// [`IDEMPOTENCY_WINDOW_ENTRIES`]: crate::quorum::idempotency::IDEMPOTENCY_WINDOW_ENTRIES
+    idempotency: Mutex<IdempotencyWindow>,
 }
 
 impl Db {
@@ -28,7 +36,7 @@ impl Db {
 
     /// Opens a node as `config` says.
     pub fn open_with(config: Config) -> Result<Db, NodeError> {
-        Ok(Db { node: config.open_node()? })
+        Ok(Db { node: config.open_node()?, idempotency: Mutex::new(IdempotencyWindow::default()) })
     }
 
     /// The node under the handles.
@@ -44,6 +52,58 @@ impl Db {
     /// Applies an operation built by hand.
     pub fn apply(&self, op: Op) -> Result<Applied, NodeError> {
         self.node.apply_alone(&op)
+    }
+
+    /// [`Db::apply`] under an idempotency key, the embedded twin of the HTTP
+    /// `Idempotency-Key` header: a repeat of the same operation with the same
+    /// key is answered with the first outcome (a commit: the key's current
+    /// state; a refusal: the same error) and not applied again. A key first
+    /// used for another operation is refused with
+    /// [`NodeError::IdempotencyKeyReused`]. Unlike the quorum's window, which
+    /// is replicated and survives restarts, this one lives as long as the `Db`:
+    /// an embedded call is never indeterminate while the process lives (it
+    /// returns the outcome), and after a crash the application reads the key.
+    /// Only commits and decisions (`invariant_violation`, `precondition_failed`)
+    /// are remembered; after any other error a retry runs again.
+    pub fn apply_idempotent(&self, op: Op, key: &IdempotencyKey) -> Result<Applied, NodeError> {
+        let fingerprint = fingerprint(op.key.as_str(), &WireAction::from(&op.action));
+        // Held across the apply: two racing calls with one key run one after
+        // the other, and the second sees the first's outcome.
+        let mut window = self.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+        match window.check(key, op.key.as_str(), fingerprint) {
+            Seen::New => {}
+            Seen::Repeat(Remembered::Committed) => {
+                let state = self.node.envelope(&op.key)?;
+                let coordinated = matches!(
+                    self.node.invariants().route(&op)?,
+                    crate::invariants::Route::Quorum { .. }
+                );
+                return Ok(Applied { state: state.clone(), delta: state, coordinated });
+            }
+            Seen::Repeat(Remembered::Refused { code, message }) => {
+                return Err(Outcome::error(&code, &message, op.key.as_str()))
+            }
+            Seen::Reused(reason) => {
+                return Err(NodeError::IdempotencyKeyReused { key: op.key.to_string(), reason })
+            }
+        }
+        let result = self.node.apply_alone(&op);
+        // The decisions are remembered; other refusals (a malformed or
+        // mistyped operation, a storage failure) change nothing and run again.
+        let remembered = match &result {
+            Ok(_) => Some(Remembered::Committed),
+            Err(NodeError::InvariantViolation { violation, .. }) => {
+                Some(Remembered::refused("invariant_violation", violation))
+            }
+            Err(error @ NodeError::PreconditionFailed { .. }) => {
+                Some(Remembered::refused(error.code(), &error.to_string()))
+            }
+            Err(_) => None,
+        };
+        if let Some(remembered) = remembered {
+            window.remember(key, op.key.as_str(), fingerprint, remembered);
+        }
+        result
     }
 
     /// Reads a key of any type: `None` when it has no value.
@@ -292,5 +352,49 @@ impl Flag<'_> {
     /// Turns the flag off (the enables this node has seen).
     pub fn disable(&self) -> Result<(), NodeError> {
         self.0.crdt(CrdtOp::Flag(FlagOp::Disable)).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invariants::Invariants;
+    use std::sync::Arc;
+
+    const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n";
+
+    fn bank() -> Db {
+        let invariants = Arc::new(Invariants::parse(BANK).unwrap());
+        Db::open_with(Config { invariants, ..Config::in_memory() }).unwrap()
+    }
+
+    fn op(db: &Db, counter: CounterOp) -> Op {
+        Op { key: db.key("account/a").unwrap(), action: Action::Crdt(CrdtOp::Counter(counter)) }
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_is_answered_with_the_first_outcome_and_applied_once() {
+        let db = bank();
+        db.counter("account/a").incr(10).unwrap();
+        let key = IdempotencyKey::new("debit-1").unwrap();
+        let first = db.apply_idempotent(op(&db, CounterOp::Decr(4)), &key).unwrap();
+        let again = db.apply_idempotent(op(&db, CounterOp::Decr(4)), &key).unwrap();
+        assert!(first.coordinated && again.coordinated);
+        assert_eq!(again.state.value.counter().value(), 6);
+        assert_eq!(db.counter("account/a").get().unwrap(), 6, "applied once");
+
+        // A refusal is remembered as such.
+        let big = IdempotencyKey::new("debit-2").unwrap();
+        let refused = db.apply_idempotent(op(&db, CounterOp::Decr(7)), &big);
+        assert!(matches!(refused, Err(NodeError::InvariantViolation { .. })), "{refused:?}");
+        db.counter("account/a").incr(10).unwrap();
+        let again = db.apply_idempotent(op(&db, CounterOp::Decr(7)), &big);
+        assert!(matches!(again, Err(NodeError::InvariantViolation { .. })), "{again:?}");
+        assert_eq!(db.counter("account/a").get().unwrap(), 16);
+
+        // The key of another operation is refused and changes nothing.
+        let reused = db.apply_idempotent(op(&db, CounterOp::Decr(1)), &key);
+        assert!(matches!(reused, Err(NodeError::IdempotencyKeyReused { .. })), "{reused:?}");
+        assert_eq!(db.counter("account/a").get().unwrap(), 16);
     }
 }

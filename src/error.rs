@@ -84,6 +84,37 @@ pub enum NodeError {
         /// Why.
         reason: String,
     },
+    /// The operation needs the quorum, and its proposal may have reached the
+    /// quorum's leader without this node learning the outcome (the leader's
+    /// reply was lost, or the deadline passed while the entry was in flight).
+    /// It may or may not be applied: read the key, or retry with the same
+    /// idempotency key, which the quorum answers with the first outcome.
+    #[error("coordination unavailable for key {key:?}: {reason}")]
+    CoordinationIndeterminate {
+        /// The key.
+        key: String,
+        /// Why the outcome is unknown.
+        reason: String,
+    },
+    /// An `Idempotency-Key` is empty, too long or not printable ASCII.
+    /// Nothing changed.
+    #[error("bad idempotency key: {reason} (1..={max} bytes of printable ASCII without spaces)")]
+    BadIdempotencyKey {
+        /// What is wrong with it.
+        reason: &'static str,
+        /// The longest key allowed, in bytes.
+        max: usize,
+    },
+    /// The idempotency key was first used for another operation (another data
+    /// key or another action); the quorum answers it only for that one.
+    /// Nothing changed.
+    #[error("{reason}")]
+    IdempotencyKeyReused {
+        /// The data key of the refused operation.
+        key: String,
+        /// Which idempotency key, and what it was first used for.
+        reason: String,
+    },
     /// The configuration cannot work (a zero bound, a value larger than a body).
     /// Nothing was opened.
     #[error("invalid configuration: {reason}")]
@@ -115,11 +146,33 @@ pub enum NodeError {
     },
 }
 
+/// Whether a coordinated operation that got no outcome was applied: what the
+/// `applied` field of a `coordination_unavailable` error body says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppliedStatus {
+    /// Nothing left this node: the operation was not applied.
+    No,
+    /// The operation may or may not be applied.
+    Unknown,
+}
+
 impl NodeError {
-    /// The stable code of DESIGN.md §7 for this error.
+    /// For an operation the quorum gave no outcome, whether it was applied.
+    pub fn applied(&self) -> Option<AppliedStatus> {
+        match self {
+            NodeError::CoordinationUnavailable { .. } => Some(AppliedStatus::No),
+            NodeError::CoordinationIndeterminate { .. } => Some(AppliedStatus::Unknown),
+            _ => None,
+        }
+    }
+
+    /// The stable code of this error in the HTTP API (docs/openapi.yaml).
     pub fn code(&self) -> &'static str {
         match self {
             NodeError::BadKey { .. } => "bad_key",
+            NodeError::BadIdempotencyKey { .. } => "bad_request",
+            NodeError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
             NodeError::InvalidConfig { .. } => "internal",
             NodeError::BadRequest { .. } => "bad_request",
             NodeError::ValueTooLarge { .. } => "payload_too_large",
@@ -128,7 +181,11 @@ impl NodeError {
             NodeError::LimitExceeded { .. } => "limit_exceeded",
             NodeError::PreconditionFailed { .. } => "precondition_failed",
             NodeError::InvariantViolation { .. } => "invariant_violation",
-            NodeError::CoordinationUnavailable { .. } => "coordination_unavailable",
+            NodeError::CoordinationUnavailable { .. }
+            | NodeError::CoordinationIndeterminate { .. } => "coordination_unavailable",
+            NodeError::Store { source: StoreError::InsufficientStorage { .. } } => {
+                "insufficient_storage"
+            }
             NodeError::Store { .. }
             | NodeError::Corrupt { .. }
             | NodeError::CorruptIndex { .. } => "internal",

@@ -33,6 +33,11 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Size of the encoded context token a client may send.
     pub context_bytes_max: usize,
+    /// Entries (writer nodes plus outstanding dots) of one key's stored causal
+    /// context. A client's context can no longer grow it (it is restricted to
+    /// what the replica has seen); the bound guards against peers and against
+    /// history piling up, and is crossed with `409 limit_exceeded`.
+    pub context_entries_max: usize,
     /// Time a client has to send a request's headers (and, on a keep-alive
     /// connection, the longest idle wait for the next request); past it the
     /// connection is closed.
@@ -69,6 +74,8 @@ impl Limits {
     pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     /// Default largest context token (64 KiB).
     pub const CONTEXT_BYTES_MAX: usize = 64 * 1024;
+    /// Default entries of a key's stored context.
+    pub const CONTEXT_ENTRIES_MAX: usize = calmkv_crdts::Limits::CONTEXT_ENTRIES_MAX;
     /// Default header read timeout.
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default body read timeout.
@@ -90,6 +97,7 @@ impl Limits {
             ("in_flight_requests_max", self.in_flight_requests_max),
             ("scan_page_max", self.scan_page_max),
             ("context_bytes_max", self.context_bytes_max),
+            ("context_entries_max", self.context_entries_max),
             ("http_connections_per_ip_max", self.http_connections_per_ip_max),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
@@ -120,7 +128,14 @@ impl Limits {
 
     /// The bounds the CRDT mutators enforce.
     pub fn crdt(&self) -> calmkv_crdts::Limits {
-        calmkv_crdts::Limits { members_max: self.members_max, siblings_max: self.siblings_max }
+        calmkv_crdts::Limits {
+            members_max: self.members_max,
+            siblings_max: self.siblings_max,
+            context_entries_max: self.context_entries_max,
+            depth_max: self.map_depth_max,
+            value_bytes_max: self.value_bytes_max,
+            member_bytes_max: self.member_bytes_max,
+        }
     }
 }
 
@@ -152,6 +167,7 @@ impl Default for Limits {
             scan_page_max: Self::SCAN_PAGE_MAX,
             request_timeout: Self::REQUEST_TIMEOUT,
             context_bytes_max: Self::CONTEXT_BYTES_MAX,
+            context_entries_max: Self::CONTEXT_ENTRIES_MAX,
             header_read_timeout: Self::HEADER_READ_TIMEOUT,
             body_read_timeout: Self::BODY_READ_TIMEOUT,
             http_connections_per_ip_max: Self::HTTP_CONNECTIONS_PER_IP_MAX,

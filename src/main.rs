@@ -4,7 +4,7 @@ use anyhow::{bail, Context as _};
 use calmkv::invariants::Invariants;
 use calmkv::replication::frame::ClusterSecret;
 use calmkv::server::{GossipOptions, QuorumOptions, Server, ServerConfig, ServerError};
-use calmkv::store::Durability;
+use calmkv::store::{Durability, Engine};
 use calmkv::{Config, Limits};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -184,6 +184,28 @@ enum DurabilityArg {
     None,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    /// sled 0.34.7, a log-structured B-tree: opens the data directories it
+    /// made (calmkv's first engine); makes no new ones, since it never reclaims
+    /// overwritten values while calmkv runs it.
+    Sled,
+    /// fjall 3, an LSM tree with a journal (the default for new directories).
+    Fjall,
+    /// redb 5, a copy-on-write B-tree in one file.
+    Redb,
+}
+
+impl From<EngineArg> for Engine {
+    fn from(arg: EngineArg) -> Engine {
+        match arg {
+            EngineArg::Sled => Engine::Sled,
+            EngineArg::Fjall => Engine::Fjall,
+            EngineArg::Redb => Engine::Redb,
+        }
+    }
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Where the node keeps its data and identity.
@@ -192,6 +214,11 @@ struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "CALMKV_HTTP_ADDR", default_value = "127.0.0.1:7070")]
     http_addr: String,
+    /// The storage engine. A new data directory records it; an existing one
+    /// keeps the engine that created it, so naming another is refused (nothing
+    /// changes). Without it: the directory's own engine, or fjall for a new one.
+    #[arg(long, env = "CALMKV_ENGINE", value_enum)]
+    engine: Option<EngineArg>,
     /// When a write is acknowledged.
     #[arg(long, env = "CALMKV_DURABILITY", value_enum, default_value = "sync")]
     durability: DurabilityArg,
@@ -309,6 +336,7 @@ impl ServeArgs {
             None => Invariants::none(),
         };
         Ok(Config {
+            engine: self.engine.map(Engine::from),
             durability,
             limits,
             invariants: Arc::new(invariants),

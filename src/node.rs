@@ -334,6 +334,7 @@ pub fn execute(
 ) -> Result<Envelope, NodeError> {
     let key = op.key.as_str();
     let limits = limits.crdt();
+    let entries_before = state.value.context().entries();
     let mut delta = Envelope::default();
     match &op.action {
         Action::Put { value, context, if_absent } => {
@@ -341,7 +342,7 @@ pub fn execute(
             if *if_absent && !state.is_empty() {
                 return Err(NodeError::PreconditionFailed { key: key.to_string() });
             }
-            let seen = context.clone().unwrap_or_default();
+            let seen = bounded_context(context.as_ref(), &state.value);
             let value = ByteBuf::from(value.to_vec());
             delta.value = state
                 .value
@@ -354,7 +355,7 @@ pub fn execute(
         }
         Action::Delete { context } => {
             delta.value = match context {
-                Some(seen) => state.value.delete(seen),
+                Some(seen) => state.value.delete(&bounded_context(Some(seen), &state.value)),
                 None => state.value.clear(),
             };
             if state.lww.get().is_some() {
@@ -369,7 +370,28 @@ pub fn execute(
                 .map_err(|e| crdt_error(key, e))?;
         }
     }
+    // Only growth is refused: a key stored past the bound by an older version
+    // stays writable.
+    let entries = state.value.context().entries();
+    if entries > limits.context_entries_max && entries > entries_before {
+        let error = CrdtError::ContextTooLarge { entries, max: limits.context_entries_max };
+        return Err(crdt_error(key, error));
+    }
     Ok(delta)
+}
+
+/// The part of a client's context that this replica has seen.
+///
+/// A context comes back from a client, so it may claim anything: dots of nodes
+/// that never wrote, a node's last possible dot (which would leave it no next
+/// one), the coordinator's own actor, or thousands of made-up entries. Only
+/// dots the state has seen can be superseded meaningfully, so the rest is
+/// dropped. A write sent to a replica that has not yet received what the
+/// client read keeps the unseen values as siblings instead of superseding
+/// them: nothing is lost, and the next write with a fresh context resolves
+/// them.
+fn bounded_context(claimed: Option<&CausalContext>, state: &Value) -> CausalContext {
+    claimed.map(|ctx| ctx.restricted_to(state.context())).unwrap_or_default()
 }
 
 fn store_key(key: &Key) -> Vec<u8> {
@@ -440,7 +462,7 @@ fn apply_crdt(
     match op {
         CrdtOp::Counter(CounterOp::Incr(n)) => value.with_counter(|c| c.incr(node, *n)),
         CrdtOp::Counter(CounterOp::Decr(n)) => value.with_counter(|c| c.decr(node, *n)),
-        CrdtOp::Flag(FlagOp::Enable) => value.with_flag(|f| Ok(f.enable(node))),
+        CrdtOp::Flag(FlagOp::Enable) => value.with_flag(|f| f.enable(node)),
         CrdtOp::Flag(FlagOp::Disable) => value.with_flag(|f| Ok(f.disable())),
         CrdtOp::Register(text) => value.with_register(|r| {
             // Supersede exactly this field's values: the shared context would

@@ -18,7 +18,7 @@ use crate::replication::cluster::Cluster;
 use crate::replication::frame::ClusterSecret;
 use crate::replication::outbox::OUTBOX_BYTES_MAX;
 use crate::replication::peer::{Peer, PeerChannel};
-use crate::store::{Durability, MemoryStore, SledStore, Store};
+use crate::store::{self, Durability, MemoryStore, Store};
 use crate::{Config, Node, NodeError};
 use calmkv_crdts::NodeId;
 use calmkv_gossip::{
@@ -363,9 +363,10 @@ async fn start_quorum(
         Arc::new(MemoryStore::new())
     } else {
         let dir = config.node.data_dir.join("quorum");
-        let open = move || SledStore::open(&dir, Durability::Sync);
+        let (engine, free_bytes_min) = (config.node.engine, config.node.free_bytes_min);
+        let open = move || store::open_reserving(engine, &dir, Durability::Sync, free_bytes_min);
         match tokio::task::spawn_blocking(open).await {
-            Ok(store) => Arc::new(store.map_err(NodeError::from)?),
+            Ok(store) => Arc::from(store.map_err(NodeError::from)?),
             Err(join) => std::panic::resume_unwind(join.into_panic()),
         }
     };

@@ -571,3 +571,12 @@ async fn a_single_node_answers_reads_above_local_with_full_harvest_and_writes_wi
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn replacing_a_voter_on_a_node_without_a_quorum_group_is_not_found() {
+    let server = TestServer::start().await;
+    let body = serde_json::json!({"dead": 1, "id": 4, "addr": "127.0.0.1:1"});
+    let answer = send(server.post("/v1/quorum/replace").json(&body)).await;
+    assert_eq!(error_of(answer).await, (StatusCode::NOT_FOUND, "not_found".into()));
+    server.stop().await;
+}

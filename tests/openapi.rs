@@ -130,7 +130,7 @@ async fn every_method_outside_the_route_table_is_refused_with_405() {
 /// One error of every variant of [`NodeError`]. A new variant breaks the match in
 /// `node_variant`; give it the next index, raise `NODE_VARIANTS` and add a sample.
 fn every_node_error() -> Vec<NodeError> {
-    const NODE_VARIANTS: usize = 13;
+    const NODE_VARIANTS: usize = 16;
     fn node_variant(error: &NodeError) -> usize {
         match error {
             NodeError::BadKey { .. } => 0,
@@ -146,6 +146,9 @@ fn every_node_error() -> Vec<NodeError> {
             NodeError::InvalidConfig { .. } => 10,
             NodeError::InvariantViolation { .. } => 11,
             NodeError::CoordinationUnavailable { .. } => 12,
+            NodeError::CoordinationIndeterminate { .. } => 13,
+            NodeError::BadIdempotencyKey { .. } => 14,
+            NodeError::IdempotencyKeyReused { .. } => 15,
         }
     }
     let decode_error = calmkv_crdts::decode::<calmkv::Envelope>(&[]).expect_err("empty input");
@@ -158,11 +161,21 @@ fn every_node_error() -> Vec<NodeError> {
         NodeError::LimitExceeded { key: "k".into(), what: "w".into() },
         NodeError::PreconditionFailed { key: "k".into() },
         NodeError::Store { source: StoreError::FlushFailed { reason: "r".into() } },
+        NodeError::Store {
+            source: StoreError::InsufficientStorage {
+                path: "store".into(),
+                available_bytes: 1,
+                needed_bytes: 2,
+            },
+        },
         NodeError::CorruptIndex { entry: "e".into() },
         NodeError::Corrupt { key: "k".into(), source: decode_error },
         NodeError::InvalidConfig { reason: "r".into() },
         NodeError::InvariantViolation { key: "k".into(), violation: "v".into() },
         NodeError::CoordinationUnavailable { key: "k".into(), reason: "r".into() },
+        NodeError::CoordinationIndeterminate { key: "k".into(), reason: "r".into() },
+        NodeError::BadIdempotencyKey { reason: "the key is empty", max: 128 },
+        NodeError::IdempotencyKeyReused { key: "k".into(), reason: "r".into() },
     ];
     let covered: BTreeSet<usize> = samples.iter().map(node_variant).collect();
     assert_eq!(covered, (0..NODE_VARIANTS).collect(), "a NodeError variant has no sample");
@@ -227,6 +240,8 @@ fn every_error_code_the_api_produces_is_in_the_spec_with_its_design_status() {
         ("body_timeout", 408),
         ("insufficient_harvest", 503),
         ("insufficient_replicas", 503),
+        ("idempotency_key_reused", 422),
+        ("insufficient_storage", 507),
         ("internal", 500),
     ]
     .into();

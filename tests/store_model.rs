@@ -1,12 +1,15 @@
 //! The storage engines against a model: random sequences of puts, deletes,
-//! batches, reads, scans, flushes and reopens run on the memory engine, the sled
-//! engine and a `BTreeMap`; all three agree after every step, across reopens of
-//! sled (drop, then open the same directory, in a random durability mode).
+//! batches, reads, scans, flushes and reopens run on the memory engine, each
+//! disk engine (sled, fjall, redb) and a `BTreeMap`; all agree after every
+//! step, across reopens of the disk engines (drop, then open the same
+//! directory, in a random durability mode).
 //! `PROPTEST_CASES` raises the number of sequences (default 64).
 //!
 //! Also: many `Sync` writers through group commit, read back after a reopen.
 
-use calmkv::store::{Batch, Durability, MemoryStore, SledStore, Store};
+use calmkv::store::{
+    Batch, Durability, FjallStore, MemoryStore, RedbStore, SledStore, Store, StoreError,
+};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,6 +53,19 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
+/// The disk engines, by name.
+const DISK_ENGINES: [&str; 3] = ["sled", "fjall", "redb"];
+
+fn open(engine: &str, dir: &std::path::Path, durability: Durability) -> Box<dyn Store> {
+    let store: Result<Box<dyn Store>, StoreError> = match engine {
+        "sled" => SledStore::open(dir, durability).map(|s| Box::new(s) as Box<dyn Store>),
+        "fjall" => FjallStore::open(dir, durability).map(|s| Box::new(s) as Box<dyn Store>),
+        "redb" => RedbStore::open(dir, durability).map(|s| Box::new(s) as Box<dyn Store>),
+        other => panic!("no engine {other}"),
+    };
+    store.unwrap_or_else(|e| panic!("{engine}: {e}"))
+}
+
 fn model_scan(
     model: &BTreeMap<Vec<u8>, Vec<u8>>,
     prefix: &[u8],
@@ -76,21 +92,30 @@ proptest! {
         first in durability(),
         steps in prop::collection::vec(step(), 1..40),
     ) {
-        let dir = tempfile::tempdir().unwrap();
+        let dirs: Vec<_> = DISK_ENGINES.iter().map(|_| tempfile::tempdir().unwrap()).collect();
         let memory = MemoryStore::new();
-        let mut sled = Some(SledStore::open(dir.path(), first).unwrap());
+        let mut disks: Vec<Option<Box<dyn Store>>> = DISK_ENGINES
+            .iter()
+            .zip(&dirs)
+            .map(|(engine, dir)| Some(open(engine, dir.path(), first)))
+            .collect();
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for step in steps {
-            let disk = sled.as_ref().unwrap();
+            // Every store gets the same calls; `stores()` lists them with names.
+            let all: Vec<(&str, &dyn Store)> = std::iter::once(("memory", &memory as &dyn Store))
+                .chain(DISK_ENGINES.iter().zip(&disks).map(|(n, s)| (*n, &**s.as_ref().unwrap())))
+                .collect();
             match step {
                 Step::Put(k, v) => {
-                    memory.apply(Batch::new().put(k.clone(), v.clone())).unwrap();
-                    disk.apply(Batch::new().put(k.clone(), v.clone())).unwrap();
+                    for (_, store) in &all {
+                        store.apply(Batch::new().put(k.clone(), v.clone())).unwrap();
+                    }
                     model.insert(k, v);
                 }
                 Step::Delete(k) => {
-                    memory.apply(Batch::new().delete(k.clone())).unwrap();
-                    disk.apply(Batch::new().delete(k.clone())).unwrap();
+                    for (_, store) in &all {
+                        store.apply(Batch::new().delete(k.clone())).unwrap();
+                    }
                     model.remove(&k);
                 }
                 Step::Batch(changes) => {
@@ -101,49 +126,65 @@ proptest! {
                             None => { model.remove(&k); batch.delete(k) }
                         };
                     }
-                    memory.apply(batch.clone()).unwrap();
-                    disk.apply(batch).unwrap();
+                    for (_, store) in &all {
+                        store.apply(batch.clone()).unwrap();
+                    }
                 }
                 Step::Get(k) => {
-                    prop_assert_eq!(memory.get(&k).unwrap(), model.get(&k).cloned());
-                    prop_assert_eq!(disk.get(&k).unwrap(), model.get(&k).cloned());
+                    for (name, store) in &all {
+                        prop_assert_eq!(store.get(&k).unwrap(), model.get(&k).cloned(), "{}", name);
+                    }
                 }
                 Step::Scan { prefix, after, limit } => {
                     let expected = model_scan(&model, &prefix, after.as_deref(), limit);
-                    prop_assert_eq!(&memory.scan_prefix(&prefix, after.as_deref(), limit).unwrap(), &expected);
-                    prop_assert_eq!(&disk.scan_prefix(&prefix, after.as_deref(), limit).unwrap(), &expected);
+                    for (name, store) in &all {
+                        let page = store.scan_prefix(&prefix, after.as_deref(), limit).unwrap();
+                        prop_assert_eq!(&page, &expected, "{}", name);
+                    }
                 }
                 Step::Flush => {
-                    memory.flush().unwrap();
-                    disk.flush().unwrap();
+                    for (_, store) in &all {
+                        store.flush().unwrap();
+                    }
                 }
                 Step::Reopen(durability) => {
-                    drop(sled.take());
-                    sled = Some(SledStore::open(dir.path(), durability).unwrap());
+                    drop(all);
+                    for ((engine, dir), disk) in DISK_ENGINES.iter().zip(&dirs).zip(&mut disks) {
+                        drop(disk.take());
+                        *disk = Some(open(engine, dir.path(), durability));
+                    }
                 }
             }
             // The whole content agrees after every step, not only where probed.
             let everything = model_scan(&model, b"", None, usize::MAX);
-            let disk = sled.as_ref().unwrap();
-            prop_assert_eq!(&disk.scan_prefix(b"", None, usize::MAX).unwrap(), &everything);
             prop_assert_eq!(&memory.scan_prefix(b"", None, usize::MAX).unwrap(), &everything);
+            for (name, disk) in DISK_ENGINES.iter().zip(&disks) {
+                let all = disk.as_ref().unwrap().scan_prefix(b"", None, usize::MAX).unwrap();
+                prop_assert_eq!(&all, &everything, "{}", name);
+            }
         }
     }
 }
 
 /// Many threads writing under `Sync` all succeed, share flushes, and every write
-/// is there after a reopen.
+/// is there after a reopen, on every disk engine.
 #[test]
 fn sync_writers_share_flushes_and_read_back_after_reopen() {
+    for engine in DISK_ENGINES {
+        sync_writers_share_flushes(engine);
+    }
+}
+
+fn sync_writers_share_flushes(engine: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (threads, per_thread) = (16usize, 40usize);
     let writes = (threads * per_thread) as u64;
     {
-        let store = SledStore::open(dir.path(), Durability::Sync).unwrap();
+        let store = open(engine, dir.path(), Durability::Sync);
         let before = store.stats().unwrap();
         std::thread::scope(|scope| {
             for t in 0..threads {
-                let store = &store;
+                let store = &*store;
                 scope.spawn(move || {
                     for i in 0..per_thread {
                         let key = format!("t{t:02}/{i:03}");
@@ -154,14 +195,14 @@ fn sync_writers_share_flushes_and_read_back_after_reopen() {
         });
         let after = store.stats().unwrap();
         assert_eq!(after.batches - before.batches, writes);
-        let flushes = after.flush_latency.expect("sled times its flushes").count();
-        assert!(flushes >= 1, "Sync writes were acknowledged without any flush");
-        assert!(flushes <= writes, "{flushes} flushes for {writes} writes");
-        eprintln!("{writes} Sync writes from {threads} threads took {flushes} flushes");
+        let flushes = after.flush_latency.expect("disk engines time their flushes").count();
+        assert!(flushes >= 1, "{engine}: Sync writes were acknowledged without any flush");
+        assert!(flushes <= writes, "{engine}: {flushes} flushes for {writes} writes");
+        eprintln!("{engine}: {writes} Sync writes from {threads} threads took {flushes} flushes");
     }
-    let store = SledStore::open(dir.path(), Durability::Sync).unwrap();
+    let store = open(engine, dir.path(), Durability::Sync);
     let rows = store.scan_prefix(b"t", None, usize::MAX).unwrap();
-    assert_eq!(rows.len() as u64, writes);
+    assert_eq!(rows.len() as u64, writes, "{engine}");
     for (key, value) in rows {
         assert_eq!(key, value);
     }
@@ -171,9 +212,10 @@ fn sync_writers_share_flushes_and_read_back_after_reopen() {
 /// run ahead of the disk (docs/benchmarks.md §5.1). `Interval` flushes
 /// periodically but holds writers within `UNFLUSHED_BATCHES_MAX`; `None` leaves
 /// flushing to sled's own flusher; `Sync` writers wait for their flush. This runs
-/// each mode under sustained two-key batches and fails if writing stalls.
+/// each mode on every disk engine under sustained two-key batches and fails if
+/// writing stalls.
 #[test]
-#[ignore = "a stress run of about a minute: cargo test --release --test store_model -- --ignored"]
+#[ignore = "a stress run of about two minutes: cargo test --release --test store_model -- --ignored"]
 fn sustained_writes_never_stall_in_any_durability_mode() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
@@ -186,9 +228,11 @@ fn sustained_writes_never_stall_in_any_durability_mode() {
         (Durability::None, 2),
         (Durability::Sync, 8),
     ];
-    for (durability, writers) in modes {
+    for (engine, (durability, writers)) in
+        DISK_ENGINES.iter().flat_map(|e| modes.iter().map(move |m| (*e, *m)))
+    {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path(), durability).unwrap());
+        let store: Arc<dyn Store> = Arc::from(open(engine, dir.path(), durability));
         let written = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         // Detached threads: a deadlocked writer must not hang the test itself.
@@ -219,7 +263,7 @@ fn sustained_writes_never_stall_in_any_durability_mode() {
             }
             assert!(
                 last_progress.elapsed() < STALL_MAX,
-                "{durability:?}: no write for {STALL_MAX:?} after {now} batches"
+                "{engine} {durability:?}: no write for {STALL_MAX:?} after {now} batches"
             );
         }
         stop.store(true, Ordering::Relaxed);
@@ -227,9 +271,9 @@ fn sustained_writes_never_stall_in_any_durability_mode() {
             handle.join().unwrap();
         }
         let batches = written.load(Ordering::Relaxed);
-        eprintln!("{durability:?}: {} batches/s", batches / RUN.as_secs());
+        eprintln!("{engine} {durability:?}: {} batches/s", batches / RUN.as_secs());
         let dropped = Instant::now();
         drop(store);
-        eprintln!("{durability:?}: closing took {:?}", dropped.elapsed());
+        eprintln!("{engine} {durability:?}: closing took {:?}", dropped.elapsed());
     }
 }

@@ -1,7 +1,7 @@
 //! A PN-counter whose shares carry dots, so it can live in a map.
 
 use crate::dot_store::impl_causal;
-use crate::{Causal, CausalContext, Crdt, CrdtError, DotFun, NodeId};
+use crate::{Causal, CausalContext, Crdt, CrdtError, Dot, DotFun, NodeId};
 use serde::{Deserialize, Serialize};
 
 /// One node's running totals, tagged by the dot of its latest update.
@@ -35,10 +35,41 @@ impl CausalCounter {
         Self::default()
     }
 
-    /// Increments minus decrements over all live shares.
+    /// Increments minus decrements, counting each node's latest live share.
+    ///
+    /// A node's share is cumulative: the share under its dot `(n, k)` already
+    /// includes everything its earlier live dots carried. A replica that missed
+    /// the delta which superseded an older dot can hold `(n, j)` beside
+    /// `(n, k)`, `j < k`; summing both would count the older share twice and
+    /// read *above* the origin. Only the highest live dot of each node counts,
+    /// so the value never exceeds what the node itself has counted, and it is
+    /// monotone in the lattice order as long as no reset (a removal of the map
+    /// field, a delete of the key) intervenes.
     pub fn value(&self) -> i128 {
-        let shares = self.inner.store.0.values();
-        shares.map(|share| i128::from(share.incr) - i128::from(share.decr)).sum()
+        self.latest_shares().map(|(_, share)| i128::from(share.incr) - i128::from(share.decr)).sum()
+    }
+
+    /// Everything added, over each node's latest live share.
+    pub fn increments(&self) -> u128 {
+        self.latest_shares().map(|(_, share)| u128::from(share.incr)).sum()
+    }
+
+    /// Everything subtracted, over each node's latest live share.
+    pub fn decrements(&self) -> u128 {
+        self.latest_shares().map(|(_, share)| u128::from(share.decr)).sum()
+    }
+
+    /// Each node's share under its highest live dot, node by node.
+    pub fn latest_shares(&self) -> impl Iterator<Item = (&Dot, &CounterShare)> + '_ {
+        let mut shares = self.inner.store.0.iter().peekable();
+        std::iter::from_fn(move || {
+            let mut latest = shares.next()?;
+            // Dots are ordered by node, then counter: the last of a run is the highest.
+            while let Some(next) = shares.next_if(|(dot, _)| dot.node == latest.0.node) {
+                latest = next;
+            }
+            Some(latest)
+        })
     }
 
     /// Adds `amount`; returns the delta.
@@ -52,18 +83,22 @@ impl CausalCounter {
     }
 
     fn update(&mut self, node: NodeId, incr: u64, decr: u64) -> Result<CausalCounter, CrdtError> {
-        let mut own = CounterShare::default();
-        let mut ctx = CausalContext::new();
-        for (dot, share) in self.inner.store.0.iter().filter(|(dot, _)| dot.node == node) {
-            let overflow = CrdtError::CounterOverflow { node };
-            own.incr = own.incr.checked_add(share.incr).ok_or(overflow.clone())?;
-            own.decr = own.decr.checked_add(share.decr).ok_or(overflow)?;
-            ctx.insert(*dot);
-        }
-        let overflow = CrdtError::CounterOverflow { node };
-        own.incr = own.incr.checked_add(incr).ok_or(overflow.clone())?;
-        own.decr = own.decr.checked_add(decr).ok_or(overflow)?;
-        let dot = self.inner.ctx.next_dot(node);
+        // The node's running totals are those of its latest live share; every
+        // live dot of the node is superseded by the new one.
+        let own = self
+            .latest_shares()
+            .find(|(dot, _)| dot.node == node)
+            .map(|(_, share)| *share)
+            .unwrap_or_default();
+        let overflow = || CrdtError::CounterOverflow { node };
+        let own = CounterShare {
+            incr: own.incr.checked_add(incr).ok_or_else(overflow)?,
+            decr: own.decr.checked_add(decr).ok_or_else(overflow)?,
+        };
+        let dot = self.inner.ctx.next_dot(node)?;
+        let mut ctx = CausalContext::from_dots(
+            self.inner.store.0.keys().filter(|live| live.node == node).copied(),
+        );
         ctx.insert(dot);
         let delta = CausalCounter { inner: Causal { store: DotFun([(dot, own)].into()), ctx } };
         self.merge(&delta);

@@ -24,13 +24,12 @@ impl LamportClock {
         self.counter
     }
 
-    /// Issues a timestamp greater than every one issued or observed before.
-    ///
-    /// # Panics
-    /// When the counter reaches `u64::MAX`, which no real clock can reach.
-    pub fn tick(&mut self) -> u64 {
-        self.counter = self.counter.checked_add(1).expect("Lamport clock exhausted");
-        self.counter
+    /// Issues a timestamp greater than every one issued or observed before;
+    /// `None` (and no change) once the clock has reached `u64::MAX`, which only
+    /// an observed timestamp from a forged message can make it do.
+    pub fn tick(&mut self) -> Option<u64> {
+        self.counter = self.counter.checked_add(1)?;
+        Some(self.counter)
     }
 
     /// Records a timestamp seen in a message, so later ticks order after it.
@@ -103,11 +102,11 @@ mod tests {
     #[test]
     fn lamport_ticks_move_past_observed_timestamps() {
         let mut clock = LamportClock::new();
-        assert_eq!(clock.tick(), 1);
+        assert_eq!(clock.tick(), Some(1));
         clock.observe(10);
-        assert_eq!(clock.tick(), 11);
+        assert_eq!(clock.tick(), Some(11));
         clock.observe(3);
-        assert_eq!(clock.tick(), 12);
+        assert_eq!(clock.tick(), Some(12));
     }
 
     #[test]

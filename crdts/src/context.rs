@@ -5,7 +5,7 @@
 //! *cloud* holds such outstanding dots until the gap closes and they fold into the
 //! vector (Almeida, Shoker, Baquero: *Delta State Replicated Data Types*, 2018, §6).
 
-use crate::{Dot, NodeId, VersionVector};
+use crate::{CrdtError, Dot, NodeId, VersionVector};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -74,12 +74,44 @@ impl CausalContext {
 
     /// The dot a new update by `node` takes: one past the highest dot of `node` seen.
     ///
-    /// # Panics
-    /// When the node has made `u64::MAX` updates, which no real node can reach.
-    pub fn next_dot(&self, node: NodeId) -> Dot {
-        let highest = self.highest(node);
-        let counter = highest.checked_add(1).expect("a node's dot counter is exhausted");
-        Dot { node, counter }
+    /// Refused with [`CrdtError::DotsExhausted`] when the context claims the
+    /// node's last possible dot. No real node gets there; only a forged context
+    /// can, and nodes never accept one (see [`CausalContext::restricted_to`]),
+    /// but the answer is an error either way, never a panic.
+    pub fn next_dot(&self, node: NodeId) -> Result<Dot, CrdtError> {
+        let counter = self.highest(node).checked_add(1).ok_or(CrdtError::DotsExhausted { node })?;
+        Ok(Dot { node, counter })
+    }
+
+    /// The part of `self` that `bound` has also seen: every dot of the result is
+    /// in both. A context a client sends back is restricted to the replica's own
+    /// context before it is used, so it can claim no dot the replica has not
+    /// seen: it cannot name dots from the future, exhaust a node's counter, or
+    /// grow the replica's context.
+    ///
+    /// Costs O(|self| log |bound|) for the vector part plus the cloud dots of
+    /// `bound` inside the claimed ranges, whatever the counters claimed.
+    pub fn restricted_to(&self, bound: &CausalContext) -> CausalContext {
+        let mut out = CausalContext::new();
+        for (node, claimed) in self.vv.iter() {
+            let contiguous = claimed.min(bound.vv.get(node));
+            out.vv.observe(node, contiguous);
+            if claimed > contiguous {
+                let above = Dot { node, counter: contiguous + 1 }..=Dot { node, counter: claimed };
+                out.cloud.extend(bound.cloud.range(above).copied());
+            }
+        }
+        out.cloud.extend(self.cloud.iter().filter(|dot| bound.contains(dot)).copied());
+        out.compact();
+        out
+    }
+
+    /// Entries this context holds: nodes of its vector plus outstanding dots.
+    /// The measure a key's context is bounded by ([`Limits::context_entries_max`]).
+    ///
+    /// [`Limits::context_entries_max`]: crate::Limits::context_entries_max
+    pub fn entries(&self) -> usize {
+        self.vv.len() + self.cloud.len()
     }
 
     /// The highest counter of `node` seen, contiguous or not (0 when none).

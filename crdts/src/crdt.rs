@@ -53,18 +53,47 @@ pub struct Limits {
     pub members_max: usize,
     /// Concurrent values (siblings) of one multi-value register.
     pub siblings_max: usize,
+    /// Entries (vector nodes plus outstanding dots) of one key's causal context.
+    pub context_entries_max: usize,
+    /// Depth of maps nested in maps (a top-level map is depth 1).
+    pub depth_max: usize,
+    /// Bytes of one register value.
+    pub value_bytes_max: usize,
+    /// Bytes of one set member or map field name.
+    pub member_bytes_max: usize,
 }
 
 impl Limits {
     /// Default members per set or map (DESIGN.md §8).
     pub const MEMBERS_MAX: usize = 100_000;
-    /// Default siblings per register (DESIGN.md §8).
+    /// Default siblings per register (docs/design.md, limits).
     pub const SIBLINGS_MAX: usize = 64;
+    /// Default context entries per key. A key's context holds one vector entry
+    /// per node that ever wrote it, plus dots received out of order; 4,096
+    /// leaves room for every node of any cluster calmkv is built for.
+    pub const CONTEXT_ENTRIES_MAX: usize = 4_096;
+    /// Default depth of nested maps.
+    pub const DEPTH_MAX: usize = 8;
+    /// Default bytes per register value (1 MiB).
+    pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
+    /// Default bytes per set member or field name (1 KiB).
+    pub const MEMBER_BYTES_MAX: usize = 1024;
+    /// Highest dot counter a state from outside may carry: no node makes 2^62
+    /// writes to one key, and a counter near `u64::MAX` would leave no room
+    /// for the next write.
+    pub const DOT_COUNTER_MAX: u64 = 1 << 62;
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { members_max: Self::MEMBERS_MAX, siblings_max: Self::SIBLINGS_MAX }
+        Limits {
+            members_max: Self::MEMBERS_MAX,
+            siblings_max: Self::SIBLINGS_MAX,
+            context_entries_max: Self::CONTEXT_ENTRIES_MAX,
+            depth_max: Self::DEPTH_MAX,
+            value_bytes_max: Self::VALUE_BYTES_MAX,
+            member_bytes_max: Self::MEMBER_BYTES_MAX,
+        }
     }
 }
 
@@ -91,10 +120,69 @@ pub enum CrdtError {
         /// The bound.
         max: usize,
     },
+    /// A state from outside breaks a rule every state made here keeps.
+    #[error("malformed state: {reason}")]
+    Malformed {
+        /// Which rule.
+        reason: MalformedReason,
+    },
+    /// A key's causal context would hold more than `max` entries.
+    #[error("the context would have {entries} entries, more than the limit of {max}")]
+    ContextTooLarge {
+        /// Entries the context would have.
+        entries: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// Maps are nested deeper than `max`.
+    #[error("maps are nested {depth} deep, more than the limit of {max}")]
+    TooDeep {
+        /// The depth found.
+        depth: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// A register value, set member or field name is longer than `max` bytes.
+    #[error("a {what} of {bytes} bytes is longer than the limit of {max}")]
+    TooLong {
+        /// `"value"`, `"member"` or `"field name"`.
+        what: &'static str,
+        /// Its length.
+        bytes: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// The node's dots are used up: the context already claims its dot
+    /// `u64::MAX`. Only a forged context could; nothing was changed.
+    #[error("node {node} has no dot left in this context")]
+    DotsExhausted {
+        /// The node whose next dot would pass `u64::MAX`.
+        node: NodeId,
+    },
     /// The node's own share of the counter would pass `u64::MAX`.
     #[error("counter overflow: node {node}'s total would pass {max}", max = u64::MAX)]
     CounterOverflow {
         /// The node whose share would overflow.
         node: NodeId,
     },
+}
+
+/// Which structural rule a state from outside breaks ([`CrdtError::Malformed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedReason {
+    /// The state holds a dot its context has not seen.
+    #[error("it holds dot {dot} that its context has not seen")]
+    UnseenDot {
+        /// The dot.
+        dot: crate::Dot,
+    },
+    /// A dot counter past [`Limits::DOT_COUNTER_MAX`], which no node reaches.
+    #[error("dot {dot} is past the highest counter a node reaches")]
+    DotTooHigh {
+        /// The dot.
+        dot: crate::Dot,
+    },
+    /// A set member or map field holds nothing (it would not exist).
+    #[error("a set member or map field holds nothing")]
+    EmptyEntry,
 }

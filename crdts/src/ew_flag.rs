@@ -1,7 +1,7 @@
 //! Enable-wins flag.
 
 use crate::dot_store::impl_causal;
-use crate::{Causal, CausalContext, Crdt, DotSet, DotStore, NodeId};
+use crate::{Causal, CausalContext, Crdt, CrdtError, DotSet, DotStore, NodeId};
 use serde::{Deserialize, Serialize};
 
 /// A boolean that concurrent enable and disable leave enabled.
@@ -33,13 +33,13 @@ impl EwFlag {
     }
 
     /// Turns the flag on; returns the delta.
-    pub fn enable(&mut self, node: NodeId) -> EwFlag {
-        let dot = self.inner.ctx.next_dot(node);
+    pub fn enable(&mut self, node: NodeId) -> Result<EwFlag, CrdtError> {
+        let dot = self.inner.ctx.next_dot(node)?;
         let mut ctx = CausalContext::from_dots(self.inner.store.0.iter().copied());
         ctx.insert(dot);
         let delta = EwFlag { inner: Causal { store: DotSet([dot].into()), ctx } };
         self.merge(&delta);
-        delta
+        Ok(delta)
     }
 
     /// Turns the flag off, overriding the enables seen so far; returns the delta.

@@ -62,7 +62,7 @@ mod version_vector;
 pub use causal_counter::{CausalCounter, CounterShare};
 pub use clock::{Hlc, HybridClock, LamportClock};
 pub use context::CausalContext;
-pub use crdt::{Crdt, CrdtError, Limits};
+pub use crdt::{Crdt, CrdtError, Limits, MalformedReason};
 pub use dot::{Dot, NodeId};
 pub use dot_store::{Causal, DotFun, DotMap, DotSet, DotStore, Embed};
 pub use encoding::{decode, encode, DecodeError, EncodeError};

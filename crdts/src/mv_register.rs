@@ -72,7 +72,7 @@ impl<T: Clone + PartialEq + Debug> MvRegister<T> {
             return Err(CrdtError::TooManySiblings { siblings, max: limits.siblings_max });
         }
         // The new dot must be fresh for this replica and for whatever `seen` saw.
-        let dot = self.inner.ctx.next_dot(node).max(seen.next_dot(node));
+        let dot = self.inner.ctx.next_dot(node)?.max(seen.next_dot(node)?);
         let mut ctx = seen.clone();
         ctx.insert(dot);
         let delta = MvRegister { inner: Causal { store: DotFun([(dot, value)].into()), ctx } };

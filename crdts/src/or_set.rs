@@ -80,7 +80,7 @@ impl<T: Ord + Clone + Debug> OrSet<T> {
         if new > 0 && members > limits.members_max {
             return Err(CrdtError::LimitExceeded { kind: "set", members, max: limits.members_max });
         }
-        let mut next = self.inner.ctx.next_dot(node);
+        let mut next = self.inner.ctx.next_dot(node)?;
         let mut store = BTreeMap::new();
         let mut ctx = CausalContext::new();
         for element in elements {
@@ -90,7 +90,7 @@ impl<T: Ord + Clone + Debug> OrSet<T> {
             }
             ctx.insert(next);
             store.insert(element, DotSet([next].into()));
-            next.counter += 1;
+            next.counter = next.counter.checked_add(1).ok_or(CrdtError::DotsExhausted { node })?;
         }
         let delta = OrSet { inner: Causal { store: DotMap(store), ctx } };
         self.inner.merge_scoped(&delta.inner, delta.inner.store.0.keys());

@@ -11,7 +11,7 @@
 use crate::dot_store::impl_causal;
 use crate::{
     Causal, CausalContext, CausalCounter, CounterShare, Crdt, CrdtError, Dot, DotFun, DotMap,
-    DotSet, DotStore, Embed, EwFlag, MvRegister, OrMap, OrSet,
+    DotSet, DotStore, Embed, EwFlag, Limits, MalformedReason, MvRegister, OrMap, OrSet,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -87,6 +87,46 @@ impl DotStore for ValueStore {
         self.set.join(self_ctx, &other.set, other_ctx);
         self.flag.join(self_ctx, &other.flag, other_ctx);
         self.map.join(self_ctx, &other.map, other_ctx);
+    }
+}
+
+impl ValueStore {
+    /// The bounds of [`Value::validate`] on this store, `depth` maps deep.
+    fn validate(&self, limits: &Limits, depth: usize) -> Result<(), CrdtError> {
+        let too_long = |what, bytes: usize, max| {
+            (bytes > max).then_some(CrdtError::TooLong { what, bytes, max })
+        };
+        let members = |kind, members: usize| {
+            (members > limits.members_max).then_some(CrdtError::LimitExceeded {
+                kind,
+                members,
+                max: limits.members_max,
+            })
+        };
+        if self.register.0.len() > limits.siblings_max {
+            return Err(CrdtError::TooManySiblings {
+                siblings: self.register.0.len(),
+                max: limits.siblings_max,
+            });
+        }
+        let values =
+            self.register.0.values().map(|v| too_long("value", v.len(), limits.value_bytes_max));
+        let names = self.set.0.keys().map(|m| too_long("member", m.len(), limits.member_bytes_max));
+        let fields =
+            self.map.0.keys().map(|f| too_long("field name", f.len(), limits.member_bytes_max));
+        let counts = [members("set", self.set.0.len()), members("map", self.map.0.len())];
+        if let Some(error) = values.chain(names).chain(fields).chain(counts).flatten().next() {
+            return Err(error);
+        }
+        let empty_member = self.set.0.values().any(DotStore::is_bottom);
+        let empty_field = self.map.0.values().any(DotStore::is_bottom);
+        if empty_member || empty_field {
+            return Err(CrdtError::Malformed { reason: MalformedReason::EmptyEntry });
+        }
+        if !self.map.is_bottom() && depth + 1 > limits.depth_max {
+            return Err(CrdtError::TooDeep { depth: depth + 1, max: limits.depth_max });
+        }
+        self.map.0.values().try_for_each(|field| field.validate(limits, depth + 1))
     }
 }
 
@@ -214,6 +254,33 @@ impl Value {
     pub fn clear(&mut self) -> Value {
         let seen = CausalContext::from_dots(self.inner.store.dots());
         self.delete(&seen)
+    }
+
+    /// Checks a state from outside (a peer, a file) against the bounds a local
+    /// write keeps: members, siblings, nesting depth, value and name lengths,
+    /// context entries, and no dot counter past [`Limits::DOT_COUNTER_MAX`]. Merges
+    /// never refuse, so a state is checked before it is merged; a state that
+    /// fails is refused whole.
+    pub fn validate(&self, limits: &Limits) -> Result<(), CrdtError> {
+        let ctx = &self.inner.ctx;
+        if ctx.entries() > limits.context_entries_max {
+            return Err(CrdtError::ContextTooLarge {
+                entries: ctx.entries(),
+                max: limits.context_entries_max,
+            });
+        }
+        let highest = ctx.vv().iter().map(|(node, counter)| Dot { node, counter });
+        let mut dots = highest.chain(ctx.cloud().iter().copied());
+        if let Some(dot) = dots.find(|d| d.counter > Limits::DOT_COUNTER_MAX) {
+            return Err(CrdtError::Malformed { reason: MalformedReason::DotTooHigh { dot } });
+        }
+        self.inner.store.validate(limits, 0)?;
+        // A well-formed state has seen every dot it holds, and holds no empty
+        // member or field: states the mutators and merges make always are.
+        if let Some(dot) = self.inner.store.dots().into_iter().find(|dot| !ctx.contains(dot)) {
+            return Err(CrdtError::Malformed { reason: MalformedReason::UnseenDot { dot } });
+        }
+        Ok(())
     }
 
     fn view<E: Embed>(&self, component: impl FnOnce(&ValueStore) -> &E::Store) -> E {

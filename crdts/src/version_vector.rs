@@ -1,6 +1,6 @@
 //! Version vectors: for each node, how many of its updates have been seen.
 
-use crate::{Dot, NodeId};
+use crate::{CrdtError, Dot, NodeId};
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -42,14 +42,12 @@ impl VersionVector {
         *entry = (*entry).max(counter);
     }
 
-    /// Moves `node` one update forward and returns the dot of that update.
-    ///
-    /// # Panics
-    /// When the node has made `u64::MAX` updates, which no real node can reach.
-    pub fn increment(&mut self, node: NodeId) -> Dot {
-        let entry = self.entries.entry(node).or_insert(0);
-        *entry = entry.checked_add(1).expect("a node's dot counter is exhausted");
-        Dot { node, counter: *entry }
+    /// Moves `node` one update forward and returns the dot of that update;
+    /// [`CrdtError::DotsExhausted`] (and no change) when the entry is at `u64::MAX`.
+    pub fn increment(&mut self, node: NodeId) -> Result<Dot, CrdtError> {
+        let counter = self.get(node).checked_add(1).ok_or(CrdtError::DotsExhausted { node })?;
+        self.entries.insert(node, counter);
+        Ok(Dot { node, counter })
     }
 
     /// Pointwise maximum: afterwards `self` covers everything either vector covered.

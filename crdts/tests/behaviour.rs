@@ -1,9 +1,10 @@
 //! Edge cases of each type, one behaviour per test.
 
 use calmkv_crdts::{
-    CausalContext, CausalCounter, Crdt, CrdtError, EwFlag, GCounter, Hlc, Limits, LwwRegister,
-    MvRegister, NodeId, OrMap, OrSet, PnCounter,
+    CausalContext, CausalCounter, Crdt, CrdtError, Dot, EwFlag, GCounter, Hlc, Limits, LwwRegister,
+    MvRegister, NodeId, OrMap, OrSet, PnCounter, Value,
 };
+use serde_bytes::ByteBuf;
 
 const A: NodeId = NodeId(0xA);
 const B: NodeId = NodeId(0xB);
@@ -218,10 +219,10 @@ fn an_add_past_the_member_limit_is_refused_whole_and_changes_nothing() {
 #[test]
 fn concurrent_enable_and_disable_leave_the_flag_enabled() {
     let mut a = EwFlag::new();
-    a.enable(A);
+    a.enable(A).unwrap();
     let mut b = a.clone();
     b.disable();
-    a.enable(A);
+    a.enable(A).unwrap();
     assert!(a.merged(&b).is_enabled());
     assert!(b.merged(&a).is_enabled());
 }
@@ -229,7 +230,7 @@ fn concurrent_enable_and_disable_leave_the_flag_enabled() {
 #[test]
 fn a_disable_that_saw_every_enable_wins() {
     let mut a = EwFlag::new();
-    a.enable(A);
+    a.enable(A).unwrap();
     let mut b = a.clone();
     b.disable();
     assert!(!a.merged(&b).is_enabled());
@@ -282,9 +283,79 @@ fn nested_maps_merge_field_by_field() {
     type Doc = OrMap<&'static str, OrMap<&'static str, EwFlag>>;
     let mut a: Doc = OrMap::new();
     let mut b: Doc = OrMap::new();
-    a.update("user", &limits(), |m| m.update("admin", &limits(), |f| Ok(f.enable(A)))).unwrap();
-    b.update("user", &limits(), |m| m.update("banned", &limits(), |f| Ok(f.enable(B)))).unwrap();
+    a.update("user", &limits(), |m| m.update("admin", &limits(), |f| f.enable(A))).unwrap();
+    b.update("user", &limits(), |m| m.update("banned", &limits(), |f| f.enable(B))).unwrap();
     let merged = a.merged(&b);
     let user = merged.get(&"user").unwrap();
     assert_eq!(user.keys().copied().collect::<Vec<_>>(), ["admin", "banned"]);
+}
+
+/// A value whose map is nested `depth` deep, with a flag at the bottom.
+fn nested(depth: usize) -> Value {
+    fn write(
+        map: &mut OrMap<String, Value>,
+        depth: usize,
+    ) -> Result<OrMap<String, Value>, calmkv_crdts::CrdtError> {
+        map.update("f".to_string(), &limits(), |field| {
+            if depth == 1 {
+                field.with_flag(|f| f.enable(A))
+            } else {
+                field.with_map(|m| write(m, depth - 1))
+            }
+        })
+    }
+    let mut value = Value::new();
+    value.with_map(|m| write(m, depth)).unwrap();
+    value
+}
+
+#[test]
+fn validate_accepts_what_local_writes_make() {
+    assert_eq!(nested(Limits::DEPTH_MAX).validate(&limits()), Ok(()));
+    let mut value = Value::new();
+    value.with_set(|s| s.add_all(A, ["x".to_string()], &limits())).unwrap();
+    assert_eq!(value.validate(&limits()), Ok(()));
+}
+
+#[test]
+fn validate_refuses_maps_nested_past_the_depth_limit() {
+    let depth = Limits::DEPTH_MAX + 1;
+    assert_eq!(
+        nested(depth).validate(&limits()),
+        Err(CrdtError::TooDeep { depth, max: Limits::DEPTH_MAX })
+    );
+}
+
+#[test]
+fn validate_refuses_a_context_past_its_entry_limit_or_claiming_a_last_dot() {
+    let small = Limits { context_entries_max: 2, ..limits() };
+    let mut value = Value::new();
+    for node in 1..=3u64 {
+        value.with_flag(|f| f.enable(NodeId(node))).unwrap();
+    }
+    assert_eq!(value.validate(&small), Err(CrdtError::ContextTooLarge { entries: 3, max: 2 }));
+    let mut forged = Value::new();
+    let claim = CausalContext::from_dots([Dot::new(NodeId(9), u64::MAX)]);
+    forged.delete(&claim);
+    let dot = Dot::new(NodeId(9), u64::MAX);
+    let too_high =
+        CrdtError::Malformed { reason: calmkv_crdts::MalformedReason::DotTooHigh { dot } };
+    assert_eq!(forged.validate(&limits()), Err(too_high));
+}
+
+#[test]
+fn validate_refuses_oversized_members_and_too_many_siblings() {
+    let tight = Limits { member_bytes_max: 3, siblings_max: 1, ..limits() };
+    let mut set = Value::new();
+    set.with_set(|s| s.add_all(A, ["long".to_string()], &limits())).unwrap();
+    assert_eq!(set.validate(&tight), Err(CrdtError::TooLong { what: "member", bytes: 4, max: 3 }));
+    let mut register = Value::new();
+    for node in [A, B] {
+        register
+            .with_register(|r| {
+                r.write(node, ByteBuf::from(vec![1]), &CausalContext::new(), &limits())
+            })
+            .unwrap();
+    }
+    assert_eq!(register.validate(&tight), Err(CrdtError::TooManySiblings { siblings: 2, max: 1 }));
 }

@@ -51,9 +51,19 @@ proptest! {
     #[test]
     fn prop_next_dot_is_fresh(given in dots(), node in 1u64..4) {
         let ctx = CausalContext::from_dots(given.iter().copied());
-        let next = ctx.next_dot(NodeId(node));
+        let next = ctx.next_dot(NodeId(node)).expect("small counters");
         prop_assert!(!ctx.contains(&next));
         prop_assert!(given.iter().all(|d| d.node != next.node || d.counter < next.counter));
+    }
+
+    #[test]
+    fn prop_restriction_is_the_intersection(a in dots(), b in dots()) {
+        let (x, y) = (CausalContext::from_dots(a.iter().copied()), CausalContext::from_dots(b.iter().copied()));
+        let restricted = x.restricted_to(&y);
+        let both = CausalContext::from_dots(a.intersection(&b).copied());
+        prop_assert_eq!(&restricted, &both);
+        prop_assert!(is_compact(&restricted));
+        prop_assert!(x.dominates(&restricted) && y.dominates(&restricted));
     }
 
     #[test]
@@ -113,8 +123,8 @@ fn a_gap_in_the_dots_stays_in_the_cloud_until_it_closes() {
 #[test]
 fn increment_issues_consecutive_dots() {
     let mut vv = VersionVector::new();
-    assert_eq!(vv.increment(NodeId(1)), Dot::new(NodeId(1), 1));
-    assert_eq!(vv.increment(NodeId(1)), Dot::new(NodeId(1), 2));
+    assert_eq!(vv.increment(NodeId(1)), Ok(Dot::new(NodeId(1), 1)));
+    assert_eq!(vv.increment(NodeId(1)), Ok(Dot::new(NodeId(1), 2)));
     assert!(vv.contains(&Dot::new(NodeId(1), 2)));
     assert!(!vv.contains(&Dot::new(NodeId(1), 3)));
 }
@@ -125,4 +135,33 @@ fn zero_entries_do_not_make_vectors_differ() {
     let without: VersionVector = [(NodeId(1), 2)].into_iter().collect();
     assert_eq!(with_zero, without);
     assert_eq!(with_zero.len(), 1);
+}
+
+#[test]
+fn a_context_claiming_a_nodes_last_dot_gives_an_error_not_a_panic() {
+    let node = NodeId(7);
+    let ctx = CausalContext::from_dots([Dot::new(node, u64::MAX)]);
+    assert_eq!(ctx.next_dot(node), Err(calmkv_crdts::CrdtError::DotsExhausted { node }));
+    let mut vv = VersionVector::new();
+    vv.observe(node, u64::MAX);
+    let before = vv.clone();
+    assert_eq!(vv.increment(node), Err(calmkv_crdts::CrdtError::DotsExhausted { node }));
+    assert_eq!(vv, before, "a refused increment changed the vector");
+}
+
+#[test]
+fn restricting_a_forged_claim_costs_nothing_and_keeps_only_real_dots() {
+    // A client claims node 1 up to u64::MAX and node 9, which never wrote.
+    let mut forged = VersionVector::new();
+    forged.observe(NodeId(1), u64::MAX);
+    forged.observe(NodeId(9), 5);
+    let forged = CausalContext::from(forged);
+    let real = CausalContext::from_dots([
+        Dot::new(NodeId(1), 1),
+        Dot::new(NodeId(1), 2),
+        Dot::new(NodeId(1), 40),
+    ]);
+    let restricted = forged.restricted_to(&real);
+    assert_eq!(restricted, real);
+    assert_eq!(restricted.next_dot(NodeId(1)), Ok(Dot::new(NodeId(1), 41)));
 }

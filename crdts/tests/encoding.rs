@@ -67,8 +67,8 @@ fn committed_samples_of_every_type_decode() {
     check_sample("or_map", map);
 
     let mut flag = EwFlag::new();
-    flag.enable(A);
-    flag.enable(B);
+    flag.enable(A).unwrap();
+    flag.enable(B).unwrap();
     check_sample("ew_flag", flag);
 
     let ctx = CausalContext::from_dots([Dot::new(A, 1), Dot::new(A, 2), Dot::new(B, 5)]);

@@ -67,6 +67,15 @@ impl Model for GCounterModel {
             .then_some(())
             .ok_or(format!("value {} != {expected}", state.value()))
     }
+
+    fn check_below(
+        receiver: &GCounter,
+        origin: &GCounter,
+        _: &History<GCounter, u64>,
+        _: &BTreeSet<usize>,
+    ) -> Result<(), String> {
+        totals_below((receiver.value(), 0), (origin.value(), 0))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +95,17 @@ fn counter_sum<S>(history: &History<S, CounterOp>, seen: &BTreeSet<usize>) -> i1
             CounterOp::Decr(n) => -i128::from(n),
         })
         .sum()
+}
+
+/// Neither direction's total on the receiver passes the origin's.
+fn totals_below(receiver: (u128, u128), origin: (u128, u128)) -> Result<(), String> {
+    if receiver.0 > origin.0 || receiver.1 > origin.1 {
+        return Err(format!(
+            "receiver counts +{} -{}, more than the origin's +{} -{}",
+            receiver.0, receiver.1, origin.0, origin.1
+        ));
+    }
+    Ok(())
 }
 
 struct PnCounterModel;
@@ -115,6 +135,17 @@ impl Model for PnCounterModel {
             .then_some(())
             .ok_or(format!("value {} != {expected}", state.value()))
     }
+    fn check_below(
+        receiver: &PnCounter,
+        origin: &PnCounter,
+        _: &History<PnCounter, CounterOp>,
+        _: &BTreeSet<usize>,
+    ) -> Result<(), String> {
+        totals_below(
+            (receiver.increments(), receiver.decrements()),
+            (origin.increments(), origin.decrements()),
+        )
+    }
 }
 
 struct CausalCounterModel;
@@ -143,6 +174,17 @@ impl Model for CausalCounterModel {
         (state.value() == expected)
             .then_some(())
             .ok_or(format!("value {} != {expected}", state.value()))
+    }
+    fn check_below(
+        receiver: &CausalCounter,
+        origin: &CausalCounter,
+        _: &History<CausalCounter, CounterOp>,
+        _: &BTreeSet<usize>,
+    ) -> Result<(), String> {
+        totals_below(
+            (receiver.increments(), receiver.decrements()),
+            (origin.increments(), origin.decrements()),
+        )
     }
 }
 
@@ -356,7 +398,7 @@ impl Model for EwFlagModel {
 
     fn apply(state: &mut EwFlag, node: NodeId, op: &FlagOp) -> Option<EwFlag> {
         Some(match op {
-            FlagOp::Enable => state.enable(node),
+            FlagOp::Enable => state.enable(node).expect("a fresh node has dots left"),
             FlagOp::Disable => state.disable(),
         })
     }
@@ -527,6 +569,31 @@ impl Model for MapOfCountersModel {
         let actual: BTreeMap<u8, i128> = state.fields().map(|(k, c)| (*k, c.value())).collect();
         (actual == expected).then_some(()).ok_or(format!("fields {actual:?} != {expected:?}"))
     }
+
+    /// Field by field, as for a counter, for the fields the origin never saw
+    /// removed: a removal resets a field at the origin, and a receiver that
+    /// missed it legitimately still reads the older, larger share.
+    fn check_below(
+        receiver: &Self::State,
+        origin: &Self::State,
+        history: &History<Self::State, Self::Op>,
+        origin_seen: &BTreeSet<usize>,
+    ) -> Result<(), String> {
+        for (key, counter) in receiver.fields() {
+            let removed = seen_ops(history, origin_seen)
+                .any(|(_, r)| matches!(r.op, MapOp::Remove { key: k } if k == *key));
+            if removed {
+                continue;
+            }
+            let theirs = origin.get(key).unwrap_or_default();
+            totals_below(
+                (counter.increments(), counter.decrements()),
+                (theirs.increments(), theirs.decrements()),
+            )
+            .map_err(|why| format!("field {key}: {why}"))?;
+        }
+        Ok(())
+    }
 }
 
 crdt_properties!(g_counter, GCounterModel);
@@ -592,7 +659,7 @@ impl Model for ValueModel {
                     }
                 })
                 .ok(),
-            ValueOp::Enable => state.with_flag(|f| Ok(f.enable(node))).ok(),
+            ValueOp::Enable => state.with_flag(|f| f.enable(node)).ok(),
             ValueOp::Clear => Some(state.clear()),
         }
     }

@@ -180,7 +180,8 @@ pub(super) async fn replace_voter(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(replace) = body.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
     let Some(coordinator) = state.cluster().coordinator() else {
-        return Err(ApiError::BadRequest { reason: "this node has no quorum group".into() });
+        // No group is a missing resource, not a malformed request.
+        return Err(ApiError::NotFound { what: "this node's quorum group".into() });
     };
     coordinator
         .replace_voter(replace.dead, replace.id, replace.addr)

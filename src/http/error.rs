@@ -1,7 +1,8 @@
 //! HTTP errors: every refusal as `{"error":{"code":"...","message":"..."}}` with a
-//! stable code and its status (the design's public contract), mapped in one place.
+//! stable code and its status (docs/openapi.yaml), mapped in one place.
 
 use crate::replication::cluster::ClusterError;
+use crate::store::StoreError;
 use crate::NodeError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -100,14 +101,22 @@ impl ApiError {
 
 fn node_status(error: &NodeError) -> StatusCode {
     match error {
-        NodeError::BadKey { .. } | NodeError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        NodeError::BadKey { .. }
+        | NodeError::BadRequest { .. }
+        | NodeError::BadIdempotencyKey { .. } => StatusCode::BAD_REQUEST,
+        NodeError::IdempotencyKeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         NodeError::ValueTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         NodeError::TypeMismatch { .. }
         | NodeError::TooManySiblings { .. }
         | NodeError::LimitExceeded { .. }
         | NodeError::InvariantViolation { .. } => StatusCode::CONFLICT,
-        NodeError::CoordinationUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        NodeError::CoordinationUnavailable { .. } | NodeError::CoordinationIndeterminate { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         NodeError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+        NodeError::Store { source: StoreError::InsufficientStorage { .. } } => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
         NodeError::Store { .. }
         | NodeError::Corrupt { .. }
         | NodeError::CorruptIndex { .. }
@@ -138,11 +147,20 @@ impl IntoResponse for ApiError {
                 ApiError::Overloaded { .. }
                     | ApiError::Timeout { .. }
                     | ApiError::Node(NodeError::CoordinationUnavailable { .. })
+                    | ApiError::Node(NodeError::CoordinationIndeterminate { .. })
             )
         {
             tracing::error!(error = %self, "request failed");
         }
-        let body = json!({ "error": { "code": code, "message": self.to_string() } });
+        let mut error = json!({ "code": code, "message": self.to_string() });
+        if let ApiError::Node(node_error) = &self {
+            if let Some(applied) = node_error.applied() {
+                // `coordination_unavailable` says whether the operation was
+                // applied: "no", or "unknown" (it may or may not be).
+                error["applied"] = json!(applied);
+            }
+        }
+        let body = json!({ "error": error });
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));

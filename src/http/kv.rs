@@ -2,6 +2,7 @@
 
 use super::{ApiError, AppState};
 use crate::op::{Action, CrdtOp, Key, Op};
+use crate::quorum::IdempotencyKey;
 use crate::read::{ReadResult, TypedValue};
 use crate::replication::cluster::WriteQuorum;
 use crate::replication::harvest::Consistency;
@@ -27,6 +28,20 @@ pub const X_HARVEST: HeaderName = HeaderName::from_static("x-harvest");
 pub const X_REPLICAS: HeaderName = HeaderName::from_static("x-replicas");
 /// Whether a write was coordinated: `none` (local) or `quorum`.
 pub const X_COORDINATION: HeaderName = HeaderName::from_static("x-coordination");
+
+/// A client's name for a coordinated operation, so that a retry is answered
+/// with the first outcome instead of being applied again.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Decodes the optional `Idempotency-Key` header.
+fn parse_idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    let Some(value) = headers.get(&IDEMPOTENCY_KEY) else { return Ok(None) };
+    let text = value.to_str().map_err(|_| NodeError::BadIdempotencyKey {
+        reason: "the key holds a character outside printable ASCII",
+        max: crate::quorum::idempotency::IDEMPOTENCY_KEY_BYTES_MAX,
+    })?;
+    Ok(Some(IdempotencyKey::new(text)?))
+}
 
 /// Encodes a context as the token clients send back in `X-Context`.
 pub fn context_token(context: &CausalContext) -> String {
@@ -210,15 +225,18 @@ pub(super) struct WriteParams {
     timeout_ms: Option<u64>,
 }
 
-/// Applies a write through the cluster, waiting for `w` replicas.
+/// Applies a write through the cluster, waiting for `w` replicas; a
+/// coordinated one under the request's `Idempotency-Key`, if any.
 async fn write(
     state: &AppState,
     op: Op,
     w: WriteQuorum,
     timeout_ms: Option<u64>,
+    headers: &HeaderMap,
 ) -> Result<Applied, ApiError> {
     let timeout = timeout_of(timeout_ms, WRITE_TIMEOUT_DEFAULT, state.node().limits())?;
-    Ok(state.cluster().write(op, w, timeout).await?)
+    let idempotency_key = parse_idempotency_key(headers)?;
+    Ok(state.cluster().write_idempotent(op, w, timeout, idempotency_key).await?)
 }
 
 /// `PUT /v1/kv/{key}`: set a register (`?type=lww` for last-writer-wins).
@@ -255,7 +273,7 @@ pub(super) async fn put(
             })
         }
     };
-    let applied = write(&state, Op { key, action }, params.w, params.timeout_ms).await?;
+    let applied = write(&state, Op { key, action }, params.w, params.timeout_ms, &headers).await?;
     // A coordinated register write is a creation: on a key declared unique, a
     // write without a context runs as insert-if-absent.
     let created = if_absent || applied.coordinated;
@@ -273,7 +291,7 @@ pub(super) async fn delete(
     let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
     let context = parse_context(&headers, state.node().limits())?;
     let op = Op { key, action: Action::Delete { context } };
-    let applied = write(&state, op, params.w, params.timeout_ms).await?;
+    let applied = write(&state, op, params.w, params.timeout_ms, &headers).await?;
     Ok(written(StatusCode::NO_CONTENT, &applied))
 }
 
@@ -282,6 +300,7 @@ pub(super) async fn post(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     params: Result<Query<WriteParams>, QueryRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let limits = state.node().limits();
@@ -291,8 +310,8 @@ pub(super) async fn post(
     let op: CrdtOp = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest { reason: format!("not a CRDT operation: {e}") })?;
     let kind = crate::KeyType::from(op.kind());
-    let applied =
-        write(&state, Op { key, action: Action::Crdt(op) }, params.w, params.timeout_ms).await?;
+    let op = Op { key, action: Action::Crdt(op) };
+    let applied = write(&state, op, params.w, params.timeout_ms, &headers).await?;
     let value = TypedValue::all_of(&applied.state.value).into_iter().find(|v| v.key_type() == kind);
     // None: the operation removed the last content (the last member of a set, or
     // disabled a flag); the key now reads as absent, and the answer is the empty

@@ -1,5 +1,5 @@
 //! The quorum: a Raft group (openraft) of a few voter nodes that serializes
-//! the operations declared invariants route to it (DESIGN.md §6).
+//! the operations declared invariants route to it (see docs/invariants.md).
 //!
 //! Voters are listed by their quorum address, the same list on every node
 //! (`--voters a,b,c`); a voter's Raft id is its position in the list plus one.
@@ -18,6 +18,8 @@
 //! also has every increment it was counted against, and the rule holds on every
 //! replica at every moment.
 
+pub mod election;
+pub mod idempotency;
 pub mod network;
 pub mod store;
 pub mod types;
@@ -28,7 +30,10 @@ use crate::replication::cluster::Coordinator;
 use crate::replication::frame::ClusterSecret;
 use crate::store::Store;
 use crate::{Applied, Node, NodeError, Op};
-use network::{Client, Factory, Handler, NetworkMetrics, ProposeFailure, Request, Response};
+pub use idempotency::IdempotencyKey;
+use network::{
+    Client, Factory, Handler, ListenerLimits, NetworkMetrics, ProposeFailure, Request, Response,
+};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::storage::Adaptor;
 use openraft::{BasicNode, Raft};
@@ -43,10 +48,18 @@ use store::{OnCommit, QuorumStore};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-pub use types::{Outcome, Proposal, TypeConfig, WireAction};
+pub use types::{Command, Outcome, Proposal, TypeConfig, WireAction};
 
 /// Most hops a proposal is forwarded (non-voter → voter → leader).
 const FORWARD_HOPS_MAX: u8 = 2;
+
+/// The longest a voter works on a forwarded proposal, whatever the sender
+/// asks: a sender's deadline cannot pin a voter's task for longer.
+const PROPOSE_TIMEOUT_MAX: Duration = Duration::from_secs(60);
+
+/// How much sooner than the caller's deadline the quorum gives up, so that
+/// its answer (rather than the caller's own timer) reaches the caller.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// Raft timings.
 #[derive(Clone, Copy, Debug)]
@@ -127,7 +140,8 @@ struct Voter {
     id: u64,
     raft: Raft<TypeConfig>,
     store: QuorumStore,
-    listener: JoinHandle<()>,
+    /// The listener and campaign tasks, taken (and awaited) at shutdown.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 /// A node's part in the quorum: a voter (with its Raft) or a client of the
@@ -145,22 +159,82 @@ pub struct QuorumGroup {
 struct Serving {
     raft: Raft<TypeConfig>,
     group: std::sync::Weak<QuorumGroup>,
+    metrics: Arc<NetworkMetrics>,
+    store: QuorumStore,
+    contact: Arc<election::Contact>,
+    lease: Duration,
+}
+
+impl Serving {
+    /// The request's Raft vote, when it has one.
+    fn vote_of(request: &Request) -> Option<&openraft::Vote<u64>> {
+        match request {
+            Request::AppendEntries(rpc) => Some(&rpc.vote),
+            Request::Vote(rpc) => Some(&rpc.vote),
+            Request::InstallSnapshot(rpc) => Some(&rpc.vote),
+            Request::PreVote(_) | Request::Propose { .. } => None,
+        }
+    }
+
+    /// Answers a pre-vote from this voter's own view; changes nothing.
+    fn pre_vote(&self, request: &election::PreVote) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        election::grant(
+            request,
+            metrics.current_term,
+            election::last_log_id(&metrics, &self.store),
+            metrics.state.is_leader(),
+            self.contact.since(),
+            self.lease,
+        )
+    }
 }
 
 impl Handler for Serving {
     async fn handle(&self, request: Request) -> Response {
+        let absurd = match &request {
+            Request::PreVote(pre_vote) => pre_vote.term > network::TERM_MAX,
+            other => Self::vote_of(other).is_some_and(|vote| !network::term_ok(vote)),
+        };
+        if absurd {
+            self.metrics.terms_refused.fetch_add(1, Ordering::Relaxed);
+            return Response::Refused {
+                reason: format!("a term past the bound of {}", network::TERM_MAX),
+            };
+        }
         match request {
             Request::AppendEntries(rpc) => {
-                Response::AppendEntries(self.raft.append_entries(rpc).await)
+                let answer = self.raft.append_entries(rpc).await;
+                // Any answer but "your vote is lower" accepts the sender as
+                // leader: this voter has heard from one.
+                if matches!(&answer, Ok(response) if !matches!(response, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+                {
+                    self.contact.touch();
+                }
+                Response::AppendEntries(answer)
             }
             Request::Vote(rpc) => Response::Vote(self.raft.vote(rpc).await),
             Request::InstallSnapshot(rpc) => {
-                Response::InstallSnapshot(self.raft.install_snapshot(rpc).await)
+                let term = rpc.vote.leader_id().term;
+                let answer = self.raft.install_snapshot(rpc).await;
+                if matches!(&answer, Ok(response) if response.vote.leader_id().term <= term) {
+                    self.contact.touch();
+                }
+                Response::InstallSnapshot(answer)
             }
-            Request::Propose { proposal, hops } => match self.group.upgrade() {
-                Some(group) => Response::Propose(group.commit(proposal, hops).await),
-                None => Response::Propose(Err(ProposeFailure::NotApplied("stopping".into()))),
-            },
+            Request::PreVote(pre_vote) => Response::PreVote { granted: self.pre_vote(&pre_vote) },
+            Request::Propose { proposal, hops, timeout_ms } => {
+                let timeout = match timeout_ms {
+                    0 => network::RPC_TIMEOUT,
+                    ms => Duration::from_millis(ms).min(PROPOSE_TIMEOUT_MAX),
+                };
+                match self.group.upgrade() {
+                    Some(group) => Response::Propose(
+                        group.commit(proposal, hops, Instant::now() + timeout).await,
+                    ),
+                    None => Response::Propose(Err(ProposeFailure::NotApplied("stopping".into()))),
+                }
+            }
         }
     }
 }
@@ -188,6 +262,17 @@ impl QuorumGroup {
     /// `config.listen` is then its advertised address).
     pub async fn start_on(
         config: QuorumConfig,
+        listener: Option<TcpListener>,
+        node: Arc<Node>,
+        store: Arc<dyn Store>,
+    ) -> Result<Arc<QuorumGroup>, QuorumError> {
+        QuorumGroup::start_with(config, ListenerLimits::default(), listener, node, store).await
+    }
+
+    /// [`QuorumGroup::start_on`] with the listener's bounds.
+    pub async fn start_with(
+        config: QuorumConfig,
+        limits: ListenerLimits,
         listener: Option<TcpListener>,
         node: Arc<Node>,
         store: Arc<dyn Store>,
@@ -221,6 +306,9 @@ impl QuorumGroup {
             heartbeat_interval: config.timings.heartbeat.as_millis() as u64,
             election_timeout_min: config.timings.election_min.as_millis() as u64,
             election_timeout_max: 2 * config.timings.election_min.as_millis() as u64,
+            // Elections are started by the pre-vote (see `election`), never
+            // by openraft's own timer.
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -243,7 +331,7 @@ impl QuorumGroup {
         let quorum_store = QuorumStore::open(store, node.limits().clone(), Some(on_commit))
             .map_err(|e| QuorumError::Start(e.to_string()))?;
         let (log_store, state_machine) = Adaptor::new(quorum_store.clone());
-        let factory = Factory { secret: config.secret.clone() };
+        let factory = Factory { secret: config.secret.clone(), metrics: metrics.clone() };
         let raft = Raft::new(id, Arc::new(raft_config), factory, log_store, state_machine)
             .await
             .map_err(|e| QuorumError::Start(e.to_string()))?;
@@ -254,18 +342,40 @@ impl QuorumGroup {
                 .map_err(|source| QuorumError::Bind { addr: listen.clone(), source })?,
         };
         let voters = config.voters.clone();
+        let contact = Arc::new(election::Contact::new());
+        let campaign = tokio::spawn(election::campaign(
+            raft.clone(),
+            quorum_store.clone(),
+            contact.clone(),
+            id,
+            config.timings,
+            config.secret.clone(),
+        ));
         let group = Arc::new_cyclic(|weak: &std::sync::Weak<QuorumGroup>| {
-            let serving = Arc::new(Serving { raft: raft.clone(), group: weak.clone() });
+            let serving = Arc::new(Serving {
+                raft: raft.clone(),
+                group: weak.clone(),
+                metrics: metrics.clone(),
+                store: quorum_store.clone(),
+                contact,
+                lease: election::lease(&config.timings),
+            });
             let task = tokio::spawn(network::serve(
                 listener,
                 serving,
                 config.secret.clone(),
                 metrics.clone(),
+                limits,
             ));
             QuorumGroup {
                 voters,
                 secret: config.secret.clone(),
-                voter: Some(Voter { id, raft: raft.clone(), store: quorum_store, listener: task }),
+                voter: Some(Voter {
+                    id,
+                    raft: raft.clone(),
+                    store: quorum_store,
+                    tasks: std::sync::Mutex::new(vec![task, campaign]),
+                }),
                 node,
                 next_voter: AtomicUsize::new(0),
                 metrics: metrics.clone(),
@@ -291,46 +401,119 @@ impl QuorumGroup {
         &self.metrics
     }
 
-    /// Commits a proposal here (a voter) or forwards it; the outcome, or why
-    /// none could be had.
-    async fn commit(&self, proposal: Proposal, hops: u8) -> Result<Outcome, ProposeFailure> {
+    /// Commits a proposal here (a voter) or forwards it, answering by
+    /// `deadline`: the outcome, or why none could be had, and whether the
+    /// proposal may have been applied regardless.
+    async fn commit(
+        &self,
+        command: Command,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<Outcome, ProposeFailure> {
         let own_hash = self.node.invariants().hash();
-        if proposal.invariants_hash != own_hash {
+        if command.proposal.invariants_hash != own_hash {
             return Ok(Outcome::Refused {
                 code: "coordination_unavailable".into(),
                 message: format!(
                     "the proposing node's invariant declarations (hash {:016x}) differ from this voter's ({own_hash:016x})",
-                    proposal.invariants_hash
+                    command.proposal.invariants_hash
                 ),
             });
         }
         let Some(voter) = &self.voter else {
-            return self.forward(proposal, hops).await;
+            return self.forward(command, hops, deadline).await;
         };
-        match voter.raft.client_write(proposal.clone()).await {
-            Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
-                match (forward.leader_id, forward.leader_node) {
-                    (Some(leader), Some(node)) if leader != voter.id && hops < FORWARD_HOPS_MAX => {
-                        let mut client = Client::new(node.addr, self.secret.clone());
-                        let request = Request::Propose { proposal, hops: hops + 1 };
-                        match client.call(&request, network::RPC_TIMEOUT).await {
-                            Ok(Response::Propose(answer)) => answer,
-                            Ok(_) => Err(ProposeFailure::NotApplied("unexpected answer".into())),
-                            Err(e) => {
-                                Err(ProposeFailure::NotApplied(format!("leader unreachable: {e}")))
-                            }
-                        }
-                    }
-                    _ => Err(ProposeFailure::NotApplied("no leader is known".into())),
+        let mut waited_for_leader = false;
+        loop {
+            let write = voter.raft.client_write(command.clone());
+            let forward = match tokio::time::timeout_at(deadline, write).await {
+                // Appended here as leader, not confirmed in time: it may
+                // still commit.
+                Err(_) => {
+                    return Err(ProposeFailure::Unknown(
+                        "the commit was not confirmed by the deadline".into(),
+                    ))
                 }
+                Ok(Ok(response)) => return Ok(response.data),
+                // openraft answers ForwardToLeader before appending (this
+                // voter is not the leader), or for an entry it appended and
+                // then truncated (never committed): not applied either way.
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => forward,
+                Ok(Err(error)) => return Err(ProposeFailure::Unknown(error.to_string())),
+            };
+            match (forward.leader_id, forward.leader_node) {
+                (Some(leader), Some(node)) if leader != voter.id => {
+                    if hops >= FORWARD_HOPS_MAX {
+                        return Err(ProposeFailure::NotApplied("too many forwards".into()));
+                    }
+                    return self.send(node.addr, command, hops + 1, deadline).await;
+                }
+                _ if !waited_for_leader => {
+                    // An election is under way: wait for its result, within
+                    // the deadline, then try once more.
+                    waited_for_leader = true;
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    let own = voter.id;
+                    let elected = voter
+                        .raft
+                        .wait(Some(remaining))
+                        .metrics(
+                            |m| m.current_leader.is_some_and(|l| l != own || m.state.is_leader()),
+                            "a leader",
+                        )
+                        .await;
+                    if elected.is_err() {
+                        return Err(ProposeFailure::NotApplied("no leader is known".into()));
+                    }
+                }
+                _ => return Err(ProposeFailure::NotApplied("no leader is known".into())),
             }
-            Err(error) => Err(ProposeFailure::Unknown(error.to_string())),
         }
     }
 
-    /// A non-voter's proposal: tried on each voter in turn.
-    async fn forward(&self, proposal: Proposal, hops: u8) -> Result<Outcome, ProposeFailure> {
+    /// Sends a proposal to the quorum member at `addr`, answering by
+    /// `deadline`. A failure before any byte left is "not applied"; after, the
+    /// member may have committed it, so the outcome is unknown.
+    async fn send(
+        &self,
+        addr: String,
+        proposal: Command,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<Outcome, ProposeFailure> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(ProposeFailure::NotApplied("the deadline passed before sending".into()));
+        }
+        // The member answers within most of what is left, so that its own
+        // "not applied" reaches this node before the deadline does.
+        let timeout_ms = u64::try_from((remaining * 9 / 10).as_millis()).unwrap_or(u64::MAX).max(1);
+        let request = Request::Propose { proposal, hops, timeout_ms };
+        let mut client = Client::new(addr.clone(), self.secret.clone());
+        match client.call(&request, remaining).await {
+            Ok(Response::Propose(answer)) => answer,
+            // Refused unread: nothing was done.
+            Ok(Response::Refused { reason }) => {
+                Err(ProposeFailure::NotApplied(format!("{addr} refused the request: {reason}")))
+            }
+            Ok(_) => Err(ProposeFailure::Unknown(format!("{addr} answered another request kind"))),
+            Err(error) if !error.sent => {
+                Err(ProposeFailure::NotApplied(format!("{addr} unreachable: {error}")))
+            }
+            Err(error) => Err(ProposeFailure::Unknown(format!("no answer from {addr}: {error}"))),
+        }
+    }
+
+    /// A non-voter's proposal: tried on each voter in turn until one answers.
+    /// Without an idempotency key, a voter that may have received it ends the
+    /// search (trying another could apply it twice); with one, the next voter
+    /// is tried, since the quorum answers a repeat with the first outcome.
+    async fn forward(
+        &self,
+        command: Command,
+        hops: u8,
+        deadline: Instant,
+    ) -> Result<Outcome, ProposeFailure> {
         if hops >= FORWARD_HOPS_MAX {
             return Err(ProposeFailure::NotApplied("too many forwards".into()));
         }
@@ -338,16 +521,18 @@ impl QuorumGroup {
         let mut last = ProposeFailure::NotApplied("no voter answered".into());
         for i in 0..self.voters.len() {
             let addr = self.voters[(start + i) % self.voters.len()].clone();
-            let mut client = Client::new(addr, self.secret.clone());
-            let request = Request::Propose { proposal: proposal.clone(), hops: hops + 1 };
-            match client.call(&request, network::RPC_TIMEOUT).await {
-                Ok(Response::Propose(Ok(outcome))) => return Ok(outcome),
-                Ok(Response::Propose(Err(failure @ ProposeFailure::Unknown(_)))) => {
-                    return Err(failure)
+            match self.send(addr, command.clone(), hops + 1, deadline).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(failure @ ProposeFailure::Unknown(_)) => {
+                    if command.idempotency_key.is_none() {
+                        return Err(failure);
+                    }
+                    last = failure;
                 }
-                Ok(Response::Propose(Err(failure))) => last = failure,
-                Ok(_) => {}
-                Err(e) => last = ProposeFailure::NotApplied(format!("voter unreachable: {e}")),
+                // Once an attempt may have been applied, the answer stays
+                // "unknown" whatever the later attempts say.
+                Err(failure) if matches!(last, ProposeFailure::NotApplied(_)) => last = failure,
+                Err(_) => {}
             }
         }
         Err(last)
@@ -355,6 +540,18 @@ impl QuorumGroup {
 
     /// Proposes `op`, which a declared invariant routes here, by `deadline`.
     pub async fn propose(&self, op: Op, deadline: Instant) -> Result<Applied, NodeError> {
+        self.propose_idempotent(op, deadline, None).await
+    }
+
+    /// [`QuorumGroup::propose`] under a client's idempotency key: a repeat of
+    /// the same operation with the same key, within the window, is answered
+    /// with the first outcome and applied once.
+    pub async fn propose_idempotent(
+        &self,
+        op: Op,
+        deadline: Instant,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Result<Applied, NodeError> {
         let key = op.key.to_string();
         let node = self.node.clone();
         let invariants = node.invariants().clone();
@@ -382,10 +579,30 @@ impl QuorumGroup {
         };
         let unavailable =
             |reason: String| NodeError::CoordinationUnavailable { key: key.clone(), reason };
-        let answer = match tokio::time::timeout_at(deadline, self.commit(proposal, 0)).await {
-            Ok(answer) => answer,
-            Err(_) => Err(ProposeFailure::Unknown("no commit by the deadline".into())),
+        let now = Instant::now();
+        let inner = if deadline.saturating_duration_since(now) > 2 * DEADLINE_MARGIN {
+            deadline - DEADLINE_MARGIN
+        } else {
+            deadline
         };
+        let command =
+            Command { proposal, idempotency_key: idempotency_key.map(|k| k.as_str().to_string()) };
+        let entry_bytes = rmp_serde::to_vec_named(&command).map(|b| b.len()).unwrap_or(usize::MAX);
+        if entry_bytes > network::QUORUM_ENTRY_BYTES_MAX {
+            return Err(NodeError::LimitExceeded {
+                key,
+                what: format!(
+                    "the proposal is {entry_bytes} bytes, more than a quorum log entry's limit of {}",
+                    network::QUORUM_ENTRY_BYTES_MAX
+                ),
+            });
+        }
+        let answer = match tokio::time::timeout_at(deadline, self.commit(command, 0, inner)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ProposeFailure::Unknown("no answer by the deadline".into())),
+        };
+        let indeterminate =
+            |reason: String| NodeError::CoordinationIndeterminate { key: key.clone(), reason };
         match answer {
             Ok(Outcome::Committed { state, .. }) => {
                 let (merging, k) = (state.clone(), op.key.clone());
@@ -397,12 +614,14 @@ impl QuorumGroup {
                 Ok(Applied { state: state.clone(), delta: state, coordinated: true })
             }
             Ok(Outcome::Refused { code, message }) => Err(Outcome::error(&code, &message, &key)),
-            Ok(Outcome::Nothing) => Err(unavailable("the quorum answered nothing".into())),
+            Ok(Outcome::Nothing) => Err(indeterminate(
+                "the quorum answered no outcome; the operation may or may not be applied".into(),
+            )),
             Err(ProposeFailure::NotApplied(reason)) => {
                 Err(unavailable(format!("no quorum reachable; not applied ({reason})")))
             }
-            Err(ProposeFailure::Unknown(reason)) => Err(unavailable(format!(
-                "the quorum did not confirm by the deadline; the operation may or may not be applied ({reason})"
+            Err(ProposeFailure::Unknown(reason)) => Err(indeterminate(format!(
+                "the quorum did not confirm; the operation may or may not be applied ({reason})"
             ))),
         }
     }
@@ -491,10 +710,17 @@ impl QuorumGroup {
         Ok(())
     }
 
-    /// Stops this node's Raft and listener.
+    /// Stops this node's Raft, its elections and its listener (closed when
+    /// this returns).
     pub async fn shutdown(&self) {
         if let Some(voter) = &self.voter {
-            voter.listener.abort();
+            let tasks = std::mem::take(&mut *voter.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+            for task in tasks {
+                task.abort();
+                // Awaited: once this returns, the quorum port is closed and
+                // can be bound again.
+                let _ = task.await;
+            }
             let _ = voter.raft.shutdown().await;
         }
     }
@@ -507,6 +733,15 @@ impl Coordinator for QuorumGroup {
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
         Box::pin(QuorumGroup::propose(self, op, deadline))
+    }
+
+    fn propose_idempotent(
+        &self,
+        op: Op,
+        deadline: Instant,
+        idempotency_key: Option<IdempotencyKey>,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
+        Box::pin(QuorumGroup::propose_idempotent(self, op, deadline, idempotency_key))
     }
 
     fn status(&self) -> serde_json::Value {

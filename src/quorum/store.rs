@@ -15,7 +15,8 @@
 // the helpers here return it as they do.
 #![allow(clippy::result_large_err)]
 
-use super::types::{Outcome, Proposal, TypeConfig};
+use super::idempotency::{fingerprint_of, IdempotencyKey, IdempotencyWindow, Remembered, Seen};
+use super::types::{Command, Outcome, Proposal, TypeConfig};
 use crate::envelope::Envelope;
 use crate::invariants::{as_creation, Invariants, OpKind, Route};
 use crate::store::{Batch, Store, StoreError};
@@ -59,6 +60,10 @@ pub struct StateMachine {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     keys: BTreeMap<String, Envelope>,
+    /// Recent idempotency keys and their first outcomes (absent from a
+    /// snapshot written before keys existed: empty).
+    #[serde(default)]
+    idempotency: IdempotencyWindow,
 }
 
 impl StateMachine {
@@ -67,33 +72,119 @@ impl StateMachine {
         self.keys.get(key)
     }
 
+    /// The window of recent idempotency keys.
+    pub fn idempotency(&self) -> &IdempotencyWindow {
+        &self.idempotency
+    }
+
+    /// Applies one command: a retry of a keyed operation within the window is
+    /// answered with its first outcome and changes nothing; anything else is
+    /// [`StateMachine::decide`]d, and a keyed outcome remembered.
+    pub fn apply_command(&mut self, command: &Command, limits: &Limits) -> Outcome {
+        let Some(raw) = &command.idempotency_key else {
+            return self.decide(&command.proposal, limits);
+        };
+        let id = match IdempotencyKey::new(raw.as_str()) {
+            Ok(id) => id,
+            Err(error) => return Outcome::refused(&error),
+        };
+        let proposal = &command.proposal;
+        let fingerprint = fingerprint_of(proposal);
+        match self.idempotency.check(&id, &proposal.key, fingerprint) {
+            Seen::Repeat(Remembered::Committed) => Outcome::Committed {
+                key: proposal.key.clone(),
+                state: self.keys.get(&proposal.key).cloned().unwrap_or_default(),
+            },
+            Seen::Repeat(Remembered::Refused { code, message }) => {
+                Outcome::Refused { code, message }
+            }
+            Seen::Reused(reason) => Outcome::refused(&NodeError::IdempotencyKeyReused {
+                key: proposal.key.clone(),
+                reason,
+            }),
+            Seen::New => {
+                let outcome = self.decide(proposal, limits);
+                if let Some(remembered) = Remembered::of(&outcome) {
+                    self.idempotency.remember(&id, &proposal.key, fingerprint, remembered);
+                }
+                outcome
+            }
+        }
+    }
+
     /// Decides one proposal: joins the proposer's observation with what the
     /// quorum admitted before, runs the operation as [`QUORUM_ACTOR`], and
     /// admits it only if the declared rule holds on the result. Deterministic:
-    /// a function of the log alone.
+    /// a function of the log alone. Total: whatever the entry holds, the
+    /// answer is an outcome, never a panic — an entry that cannot apply is
+    /// refused (and changes nothing), so no voter fails on it, now or when it
+    /// replays its log after a restart.
     pub fn decide(&mut self, proposal: &Proposal, limits: &Limits) -> Outcome {
-        let op = match proposal.op(limits) {
-            Ok(op) => op,
-            Err(error) => return Outcome::refused(&error),
-        };
-        let joined = self.keys.get(&proposal.key).cloned().unwrap_or_default();
-        let before = joined.merged(&proposal.observed);
-        let mut after = before.clone();
-        let kinds = OpKind::of(&op, proposal.declaration.rule.key_type()).unwrap_or_default();
-        let route = Route::Quorum { declaration: &proposal.declaration, kinds: kinds.clone() };
-        let op = as_creation(&op, &route);
-        let decided = crate::node::execute(&mut after, &op, QUORUM_ACTOR, proposal.now, limits)
-            .and_then(|_| {
-                Invariants::admit(&proposal.declaration, &kinds, &proposal.key, &before, &after)
-            });
+        let joined = self.keys.get(&proposal.key);
+        // The last guard: a decision that panics (a bug on some input no test
+        // found) is a refusal, not a dead quorum. `joined` is only read.
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decision(joined, proposal, limits)
+        }));
         match decided {
-            Ok(()) => {
+            Ok(Ok(after)) => {
                 self.keys.insert(proposal.key.clone(), after.clone());
                 Outcome::Committed { key: proposal.key.clone(), state: after }
             }
-            Err(error) => Outcome::refused(&error),
+            Ok(Err(error)) => Outcome::refused(&error),
+            Err(_) => Outcome::refused(&NodeError::BadRequest {
+                reason: "the quorum cannot apply this operation to the key's state".into(),
+            }),
         }
     }
+}
+
+/// Highest dot of [`QUORUM_ACTOR`] a state or a context may claim before the
+/// quorum refuses to act on it. The quorum mints a few dots per admitted entry
+/// (one per added member at most), so its real count stays far below 2^62;
+/// a claim above comes from a forged context, and minting past it could
+/// exhaust the actor's dots.
+pub const QUORUM_ACTOR_DOTS_MAX: u64 = 1 << 62;
+
+/// The state a proposal leaves, or why it is refused.
+fn decision(
+    joined: Option<&Envelope>,
+    proposal: &Proposal,
+    limits: &Limits,
+) -> Result<Envelope, NodeError> {
+    let op = proposal.op(limits)?;
+    // The proposer's state came over the network: the same rules as any
+    // remote state, with members and siblings unbounded (the voter does not
+    // know how many replicas wrote them concurrently). Deterministic, so every
+    // voter refuses alike.
+    crate::replication::admission::check(&proposal.observed, limits, usize::MAX).map_err(
+        |refused| NodeError::LimitExceeded {
+            key: proposal.key.clone(),
+            what: format!("the proposer's state of the key is refused: {refused}"),
+        },
+    )?;
+    let before = joined.cloned().unwrap_or_default().merged(&proposal.observed);
+    let claimed = match &op.action {
+        crate::Action::Put { context: Some(seen), .. }
+        | crate::Action::Delete { context: Some(seen) } => seen.highest(QUORUM_ACTOR),
+        _ => 0,
+    };
+    let highest = before.value.context().highest(QUORUM_ACTOR).max(claimed);
+    if highest > QUORUM_ACTOR_DOTS_MAX {
+        return Err(NodeError::LimitExceeded {
+            key: proposal.key.clone(),
+            what: format!(
+                "the key's causal context claims dot {highest} of the quorum's own actor, which the quorum never minted (at most {QUORUM_ACTOR_DOTS_MAX}); the quorum refuses to act on it"
+            ),
+        });
+    }
+    let mut after = before.clone();
+    let kinds = OpKind::of(&op, proposal.declaration.rule.key_type()).unwrap_or_default();
+    let route = Route::Quorum { declaration: &proposal.declaration, kinds: kinds.clone() };
+    let op = as_creation(&op, &route);
+    crate::node::execute(&mut after, &op, QUORUM_ACTOR, proposal.now, limits)?;
+    Invariants::admit(&proposal.declaration, &kinds, &proposal.key, &before, &after)?;
+    Ok(after)
 }
 
 #[derive(Serialize, Deserialize)]
@@ -204,6 +295,12 @@ impl QuorumStore {
             }
         }
         Ok(out)
+    }
+
+    /// The id of the log entry at `index`, if the log still holds it.
+    pub fn log_id_at(&self, index: u64) -> Option<LogId<u64>> {
+        let bytes = self.inner.store.get(&log_key(index)).ok()??;
+        decode::<Entry<TypeConfig>>(&bytes).ok().map(|entry| entry.log_id)
     }
 
     /// Deletes the log entries with index in `[from, to]`.
@@ -337,7 +434,7 @@ impl RaftStorage<TypeConfig> for QuorumStore {
                             StoredMembership::new(Some(entry.log_id), membership.clone());
                         Outcome::Nothing
                     }
-                    EntryPayload::Normal(proposal) => sm.decide(proposal, &self.inner.limits),
+                    EntryPayload::Normal(command) => sm.apply_command(command, &self.inner.limits),
                 };
                 if let Outcome::Committed { key, state } = &outcome {
                     committed.push((key.clone(), state.clone()));
@@ -393,4 +490,260 @@ impl RaftStorage<TypeConfig> for QuorumStore {
 /// Maps a store error for callers outside openraft.
 pub fn store_error(error: Error) -> NodeError {
     NodeError::CoordinationUnavailable { key: String::new(), reason: error.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::idempotency::{IdempotencyKey, IDEMPOTENCY_WINDOW_ENTRIES};
+    use super::super::types::{Command, Outcome, Proposal, WireAction};
+    use super::*;
+    use crate::op::{CounterOp, CrdtOp};
+
+    const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n";
+
+    fn invariants() -> Invariants {
+        Invariants::parse(BANK).unwrap()
+    }
+
+    /// A proposal of `op` on `key` by a node that observed `observed`.
+    fn proposal(key: &str, op: CounterOp, observed: Envelope) -> Proposal {
+        let invariants = invariants();
+        let action = crate::op::Action::Crdt(CrdtOp::Counter(op));
+        let op = crate::Op { key: crate::Key::new(key, &Limits::default()).unwrap(), action };
+        let declaration = match invariants.route(&op).unwrap() {
+            Route::Quorum { declaration, .. } => declaration.clone(),
+            Route::Local => panic!("{op:?} is local"),
+        };
+        Proposal {
+            key: key.to_string(),
+            action: WireAction::from(&op.action),
+            observed,
+            declaration,
+            invariants_hash: invariants.hash(),
+            now: Default::default(),
+        }
+    }
+
+    /// A state holding `n` increments by some node.
+    fn funded(key: &str, n: u64) -> Envelope {
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let action = crate::op::Action::Crdt(CrdtOp::Counter(CounterOp::Incr(n)));
+        let op = crate::Op { key: crate::Key::new(key, &Limits::default()).unwrap(), action };
+        node.apply(&op).unwrap().state
+    }
+
+    fn keyed(proposal: Proposal, key: &str) -> Command {
+        Command { proposal, idempotency_key: Some(key.to_string()) }
+    }
+
+    fn value(sm: &StateMachine, key: &str) -> i128 {
+        sm.key(key).map(|s| s.value.counter().value()).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_is_answered_with_the_first_outcome_and_applied_once() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let observed = funded("account/a", 10);
+        let first = keyed(proposal("account/a", CounterOp::Decr(3), observed.clone()), "k1");
+        assert!(matches!(sm.apply_command(&first, &limits), Outcome::Committed { .. }));
+        assert_eq!(value(&sm, "account/a"), 7);
+        // A retry, even from a node with another observation: the same answer.
+        let retry = keyed(proposal("account/a", CounterOp::Decr(3), Envelope::default()), "k1");
+        let Outcome::Committed { state, .. } = sm.apply_command(&retry, &limits) else {
+            panic!("a retry of a commit is a commit")
+        };
+        assert_eq!(state.value.counter().value(), 7);
+        assert_eq!(value(&sm, "account/a"), 7, "applied once");
+
+        // A refusal is remembered as a refusal, even once the funds would allow it.
+        let refused = keyed(proposal("account/a", CounterOp::Decr(8), observed.clone()), "k2");
+        let first_answer = sm.apply_command(&refused, &limits);
+        assert!(
+            matches!(&first_answer, Outcome::Refused { code, .. } if code == "invariant_violation")
+        );
+        let richer = observed.merged(&funded("account/a", 100));
+        let again = keyed(proposal("account/a", CounterOp::Decr(8), richer), "k2");
+        assert_eq!(sm.apply_command(&again, &limits), first_answer);
+        assert_eq!(value(&sm, "account/a"), 7);
+
+        // The same key for another operation is refused, and changes nothing.
+        let other = keyed(proposal("account/a", CounterOp::Decr(1), observed), "k1");
+        let answer = sm.apply_command(&other, &limits);
+        assert!(
+            matches!(&answer, Outcome::Refused { code, .. } if code == "idempotency_key_reused"),
+            "{answer:?}"
+        );
+        assert_eq!(value(&sm, "account/a"), 7);
+        // A malformed key in an entry is a typed refusal too.
+        let bad = keyed(proposal("account/a", CounterOp::Decr(1), Envelope::default()), "a b");
+        assert!(
+            matches!(sm.apply_command(&bad, &limits), Outcome::Refused { code, .. } if code == "bad_request")
+        );
+    }
+
+    #[test]
+    fn the_window_survives_a_snapshot() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let command = keyed(proposal("account/s", CounterOp::Decr(2), funded("account/s", 5)), "s");
+        sm.apply_command(&command, &limits);
+        let bytes = rmp_serde::to_vec_named(&sm).unwrap();
+        let mut restored: StateMachine = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(restored.idempotency(), sm.idempotency());
+        restored.apply_command(&command, &limits);
+        assert_eq!(value(&restored, "account/s"), 3, "the restored window still knows the key");
+    }
+
+    #[test]
+    fn the_window_is_bounded_and_forgets_the_oldest_key_first() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let observed = funded("account/w", u64::from(u32::MAX));
+        let decr = |id: usize| {
+            keyed(proposal("account/w", CounterOp::Decr(1), observed.clone()), &format!("w{id}"))
+        };
+        for id in 0..=IDEMPOTENCY_WINDOW_ENTRIES {
+            assert!(matches!(sm.apply_command(&decr(id), &limits), Outcome::Committed { .. }));
+        }
+        assert_eq!(sm.idempotency().len(), IDEMPOTENCY_WINDOW_ENTRIES);
+        let applied = value(&sm, "account/w");
+        // The newest key is remembered: a retry changes nothing.
+        sm.apply_command(&decr(IDEMPOTENCY_WINDOW_ENTRIES), &limits);
+        assert_eq!(value(&sm, "account/w"), applied);
+        // The oldest was forgotten: its retry applies again.
+        sm.apply_command(&decr(0), &limits);
+        assert_eq!(value(&sm, "account/w"), applied - 1);
+        assert_eq!(sm.idempotency().len(), IDEMPOTENCY_WINDOW_ENTRIES);
+        assert!(IdempotencyKey::new("w0").is_ok());
+    }
+
+    #[test]
+    fn an_entry_written_as_a_bare_proposal_decodes_as_a_command_without_a_key() {
+        let bare = proposal("account/b", CounterOp::Decr(1), funded("account/b", 1));
+        let bytes = rmp_serde::to_vec_named(&bare).unwrap();
+        let command: Command = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(command, Command { proposal: bare.clone(), idempotency_key: None });
+        let keyed = keyed(bare, "k");
+        let round: Command =
+            rmp_serde::from_slice(&rmp_serde::to_vec_named(&keyed).unwrap()).unwrap();
+        assert_eq!(round, keyed);
+    }
+}
+
+#[cfg(test)]
+mod totality {
+    use super::super::types::{Proposal, WireAction};
+    use super::*;
+    use crate::op::{Action, CounterOp, CrdtOp};
+    use calmkv_crdts::{CausalContext, Dot};
+
+    const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n\n[[invariant]]\nkeys = \"capped/*\"\ntype = \"counter\"\nmax = 10\n";
+
+    fn proposal(key: &str, action: Action, observed: Envelope) -> Proposal {
+        let invariants = Invariants::parse(BANK).unwrap();
+        let op = crate::Op { key: crate::Key::new(key, &Limits::default()).unwrap(), action };
+        let declaration = match invariants.route(&op).unwrap() {
+            Route::Quorum { declaration, .. } => declaration.clone(),
+            Route::Local => invariants.declarations().first().unwrap().clone(),
+        };
+        Proposal {
+            key: key.to_string(),
+            action: WireAction::from(&op.action),
+            observed,
+            declaration,
+            invariants_hash: invariants.hash(),
+            now: Default::default(),
+        }
+    }
+
+    fn counter(op: CounterOp) -> Action {
+        Action::Crdt(CrdtOp::Counter(op))
+    }
+
+    /// A state of `n` increments, then a delete with `context` as a forged
+    /// peer state would carry it (a node restricts a client's context to what
+    /// it has seen, so only a forged state holds such a claim).
+    fn deleted_with(key: &str, n: u64, context: CausalContext) -> Envelope {
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let key = crate::Key::new(key, &Limits::default()).unwrap();
+        let action = counter(CounterOp::Incr(n));
+        let mut state = node.apply(&crate::Op { key, action }).unwrap().state;
+        state.value.delete(&context);
+        state
+    }
+
+    fn forged() -> CausalContext {
+        CausalContext::from_dots([Dot { node: QUORUM_ACTOR, counter: u64::MAX }])
+    }
+
+    #[test]
+    fn a_context_naming_the_quorum_actor_at_its_last_dot_is_refused_without_a_panic() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        let poisoned = deleted_with("account/alice", 5, forged());
+        assert_eq!(poisoned.value.context().highest(QUORUM_ACTOR), u64::MAX);
+        for action in [counter(CounterOp::Decr(1)), counter(CounterOp::Incr(1))] {
+            let outcome = sm.decide(&proposal("account/alice", action, poisoned.clone()), &limits);
+            assert!(
+                matches!(&outcome, Outcome::Refused { code, .. } if code == "limit_exceeded"),
+                "{outcome:?}"
+            );
+        }
+        // The forged context in the operation itself is refused the same way.
+        let delete = Action::Delete { context: Some(forged()) };
+        let outcome = sm.decide(&proposal("account/alice", delete, Envelope::default()), &limits);
+        assert!(matches!(&outcome, Outcome::Refused { code, .. } if code == "limit_exceeded"));
+        assert!(sm.key("account/alice").is_none(), "a refusal changes nothing");
+
+        // Another key is decided as ever.
+        let funded = deleted_with("account/bob", 0, CausalContext::new());
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let key = crate::Key::new("account/bob", &limits).unwrap();
+        let funded = funded.merged(
+            &node.apply(&crate::Op { key, action: counter(CounterOp::Incr(3)) }).unwrap().state,
+        );
+        let outcome =
+            sm.decide(&proposal("account/bob", counter(CounterOp::Decr(2)), funded), &limits);
+        assert!(matches!(outcome, Outcome::Committed { .. }), "{outcome:?}");
+    }
+
+    #[test]
+    fn counters_at_their_bounds_are_refused_without_a_panic() {
+        let limits = Limits::default();
+        let mut sm = StateMachine::default();
+        // The quorum's own share driven to u64::MAX, then once more.
+        let max = u64::MAX;
+        let first = sm.decide(
+            &proposal("account/big", counter(CounterOp::Decr(max)), Envelope::default()),
+            &limits,
+        );
+        assert!(
+            matches!(&first, Outcome::Refused { code, .. } if code == "invariant_violation"),
+            "{first:?}"
+        );
+        let node = crate::Config::in_memory().open_node().unwrap();
+        let key = crate::Key::new("account/big", &limits).unwrap();
+        let rich =
+            node.apply(&crate::Op { key, action: counter(CounterOp::Incr(max)) }).unwrap().state;
+        let once = sm
+            .decide(&proposal("account/big", counter(CounterOp::Decr(max)), rich.clone()), &limits);
+        assert!(matches!(once, Outcome::Committed { .. }), "{once:?}");
+        let twice =
+            sm.decide(&proposal("account/big", counter(CounterOp::Decr(max)), rich), &limits);
+        assert!(matches!(twice, Outcome::Refused { .. }), "{twice:?}");
+        // An increment under a max: the quorum's share overflows, refused.
+        for _ in 0..2 {
+            let outcome = sm.decide(
+                &proposal("capped/c", counter(CounterOp::Incr(max)), Envelope::default()),
+                &limits,
+            );
+            assert!(matches!(outcome, Outcome::Refused { .. }), "{outcome:?}");
+        }
+        let small = sm.decide(
+            &proposal("capped/c", counter(CounterOp::Incr(10)), Envelope::default()),
+            &limits,
+        );
+        assert!(matches!(small, Outcome::Committed { .. }), "{small:?}");
+    }
 }

@@ -12,7 +12,7 @@ use std::io::Cursor;
 openraft::declare_raft_types!(
     /// calmkv's Raft types: u64 voter ids, voters addressed by `host:port`.
     pub TypeConfig:
-        D = Proposal,
+        D = Command,
         R = Outcome,
         NodeId = u64,
         Node = openraft::BasicNode,
@@ -104,6 +104,20 @@ impl Proposal {
     }
 }
 
+/// A log entry's payload: a proposal and, when the client named the
+/// operation, its idempotency key. Encoded with the proposal's fields
+/// flattened beside the key, so an entry written as a bare [`Proposal`]
+/// decodes as a command without a key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// The proposal.
+    #[serde(flatten)]
+    pub proposal: Proposal,
+    /// The client's idempotency key, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
 /// What applying an entry answers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -149,6 +163,9 @@ impl Outcome {
             "precondition_failed" => NodeError::PreconditionFailed { key },
             "limit_exceeded" | "too_many_siblings" => {
                 NodeError::LimitExceeded { key, what: message.into() }
+            }
+            "idempotency_key_reused" => {
+                NodeError::IdempotencyKeyReused { key, reason: message.into() }
             }
             "coordination_unavailable" => {
                 NodeError::CoordinationUnavailable { key, reason: message.into() }

@@ -14,29 +14,23 @@
 //!   write past the bound in its own view, so concurrent writers on `replicas`
 //!   nodes can together reach at most that many. Refusing less would split
 //!   replicas forever (merges must not refuse what correct nodes produced);
-//! - dot counters ≤ [`DOT_COUNTER_MAX`]: no node makes 2^62 writes to one key,
-//!   and a counter near `u64::MAX` would leave no room for the next write.
+//! - dot counters ≤ [`calmkv_crdts::Limits::DOT_COUNTER_MAX`]: no node makes
+//!   2^62 writes to one key, and a counter near `u64::MAX` would leave no room
+//!   for the next write;
+//! - context entries ≤ `context_entries_max`, every held dot seen by the
+//!   context, no empty member or field: what merges and mutators always keep.
 //!
-//! Each check stops at the first violation, and depth is checked on the way
-//! down, so the cost is bounded by the state's size times `map_depth_max`.
+//! The rules live in [`calmkv_crdts::Value::validate`]; this module scales
+//! the bounds for the replicas. Each check stops at the first violation.
 
 use crate::envelope::Envelope;
 use crate::Limits;
-use calmkv_crdts::{NodeId, Value};
-
-/// Highest dot counter a remote state may carry.
-pub const DOT_COUNTER_MAX: u64 = 1 << 62;
+use calmkv_crdts::CrdtError;
 
 /// Why a remote state was refused. Nothing was merged.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StateRefused {
-    /// Maps nested deeper than local writes may nest them.
-    #[error("maps nested deeper than {max}")]
-    TooDeep {
-        /// The bound.
-        max: usize,
-    },
-    /// A register value or LWW value larger than a local write may store.
+    /// An LWW value larger than a local write may store.
     #[error("a value of {bytes} bytes exceeds the limit of {max}")]
     ValueTooLarge {
         /// Its size.
@@ -44,110 +38,27 @@ pub enum StateRefused {
         /// The bound.
         max: usize,
     },
-    /// A set member or map field name longer than a local write may store.
-    #[error("a member or field name of {bytes} bytes exceeds the limit of {max}")]
-    NameTooLong {
-        /// Its size.
-        bytes: usize,
-        /// The bound.
-        max: usize,
-    },
-    /// More siblings than the replicas could have written concurrently.
-    #[error("{count} siblings exceed the limit of {max}")]
-    TooManySiblings {
-        /// How many.
-        count: usize,
-        /// The bound (per-replica limit times replicas).
-        max: usize,
-    },
-    /// More set members or map fields than the replicas could have added.
-    #[error("{count} members exceed the limit of {max}")]
-    TooManyMembers {
-        /// How many.
-        count: usize,
-        /// The bound (per-replica limit times replicas).
-        max: usize,
-    },
-    /// A dot counter no node reaches, near exhaustion.
-    #[error("a dot counter {counter} of node {node} exceeds {DOT_COUNTER_MAX}")]
-    CounterTooHigh {
-        /// The node named.
-        node: NodeId,
-        /// Its counter.
-        counter: u64,
-    },
+    /// The causal part breaks a bound or a rule
+    /// ([`calmkv_crdts::Value::validate`]).
+    #[error(transparent)]
+    Invalid(#[from] CrdtError),
 }
 
 /// Checks a remote state against `limits`, for a key with `replicas` replicas
-/// (at least 1).
+/// (at least 1): [`calmkv_crdts::Value::validate`] with the member and
+/// sibling bounds scaled by the replicas, plus the LWW value's size.
 pub fn check(state: &Envelope, limits: &Limits, replicas: usize) -> Result<(), StateRefused> {
     let replicas = replicas.max(1);
-    check_context(state.value.context())?;
     if let Some(value) = state.lww.get() {
-        check_value_size(value.len(), limits)?;
+        if value.len() > limits.value_bytes_max {
+            let max = limits.value_bytes_max;
+            return Err(StateRefused::ValueTooLarge { bytes: value.len(), max });
+        }
     }
-    check_value(&state.value, limits, replicas, 0)
-}
-
-fn check_context(context: &calmkv_crdts::CausalContext) -> Result<(), StateRefused> {
-    let vv = context.vv().iter();
-    let cloud = context.cloud().iter().map(|dot| (dot.node, dot.counter));
-    match vv.chain(cloud).find(|(_, counter)| *counter > DOT_COUNTER_MAX) {
-        Some((node, counter)) => Err(StateRefused::CounterTooHigh { node, counter }),
-        None => Ok(()),
-    }
-}
-
-fn check_value_size(bytes: usize, limits: &Limits) -> Result<(), StateRefused> {
-    if bytes > limits.value_bytes_max {
-        return Err(StateRefused::ValueTooLarge { bytes, max: limits.value_bytes_max });
-    }
-    Ok(())
-}
-
-fn check_name(bytes: usize, limits: &Limits) -> Result<(), StateRefused> {
-    if bytes > limits.member_bytes_max {
-        return Err(StateRefused::NameTooLong { bytes, max: limits.member_bytes_max });
-    }
-    Ok(())
-}
-
-fn check_count(count: usize, per_replica: usize, replicas: usize) -> Result<(), StateRefused> {
-    let max = per_replica.saturating_mul(replicas);
-    if count > max {
-        return Err(StateRefused::TooManyMembers { count, max });
-    }
-    Ok(())
-}
-
-/// `depth` counts the maps above `value` (0 at the key).
-fn check_value(
-    value: &Value,
-    limits: &Limits,
-    replicas: usize,
-    depth: usize,
-) -> Result<(), StateRefused> {
-    let register = value.register();
-    let max = limits.siblings_max.saturating_mul(replicas);
-    if register.len() > max {
-        return Err(StateRefused::TooManySiblings { count: register.len(), max });
-    }
-    register.values().try_for_each(|v| check_value_size(v.len(), limits))?;
-    let set = value.set();
-    check_count(set.len(), limits.members_max, replicas)?;
-    set.members().try_for_each(|m| check_name(m.len(), limits))?;
-    let map = value.map();
-    if map.is_empty() {
-        return Ok(());
-    }
-    if depth + 1 > limits.map_depth_max {
-        return Err(StateRefused::TooDeep { max: limits.map_depth_max });
-    }
-    check_count(map.len(), limits.members_max, replicas)?;
-    for (name, field) in map.fields() {
-        check_name(name.len(), limits)?;
-        check_value(&field, limits, replicas, depth + 1)?;
-    }
+    let mut bounds = limits.crdt();
+    bounds.siblings_max = bounds.siblings_max.saturating_mul(replicas);
+    bounds.members_max = bounds.members_max.saturating_mul(replicas);
+    state.value.validate(&bounds)?;
     Ok(())
 }
 
@@ -180,7 +91,8 @@ mod tests {
         assert_eq!(check(&ok, &limits, 1), Ok(()));
         let deep_limits = Limits { map_depth_max: 20, ..Limits::default() };
         let deep = state_of(nested(limits.map_depth_max + 1), deep_limits);
-        assert_eq!(check(&deep, &limits, 3), Err(StateRefused::TooDeep { max: 8 }));
+        let too_deep = CrdtError::TooDeep { depth: 9, max: 8 };
+        assert_eq!(check(&deep, &limits, 3), Err(StateRefused::Invalid(too_deep)));
     }
 
     #[test]
@@ -198,10 +110,8 @@ mod tests {
             ..Limits::default()
         };
         let state = state_of(CrdtOp::Register("x".repeat(50)), big);
-        assert_eq!(
-            check(&state, &small, 1),
-            Err(StateRefused::ValueTooLarge { bytes: 50, max: 10 })
-        );
+        let too_long = CrdtError::TooLong { what: "value", bytes: 50, max: 10 };
+        assert_eq!(check(&state, &small, 1), Err(StateRefused::Invalid(too_long)));
     }
 
     #[test]
@@ -213,6 +123,7 @@ mod tests {
         }
         let one = Limits { siblings_max: 1, ..Limits::default() };
         assert_eq!(check(&state, &one, 3), Ok(()));
-        assert_eq!(check(&state, &one, 2), Err(StateRefused::TooManySiblings { count: 3, max: 2 }));
+        let siblings = CrdtError::TooManySiblings { siblings: 3, max: 2 };
+        assert_eq!(check(&state, &one, 2), Err(StateRefused::Invalid(siblings)));
     }
 }

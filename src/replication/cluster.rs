@@ -79,6 +79,19 @@ pub trait Coordinator: Send + Sync {
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>>;
 
+    /// [`Coordinator::propose`] under the client's idempotency key: a repeat
+    /// with the same key is answered with the first outcome. By default the
+    /// key is not used.
+    fn propose_idempotent(
+        &self,
+        op: Op,
+        deadline: Instant,
+        idempotency_key: Option<crate::quorum::IdempotencyKey>,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, NodeError>> + Send + '_>> {
+        let _ = idempotency_key;
+        self.propose(op, deadline)
+    }
+
     /// The coordinator's state, as `/v1/cluster` shows it under `quorum`.
     fn status(&self) -> serde_json::Value;
 
@@ -155,7 +168,12 @@ impl Cluster {
     /// Applies `op` where its route says: locally; through the coordinator when
     /// a declared invariant needs it; admitted here when this node is the only
     /// replica; refused when it needs a quorum this cluster does not have.
-    async fn apply(&self, op: Op, timeout: Duration) -> Result<Applied, NodeError> {
+    async fn apply(
+        &self,
+        op: Op,
+        timeout: Duration,
+        idempotency_key: Option<crate::quorum::IdempotencyKey>,
+    ) -> Result<Applied, NodeError> {
         self.check_declarations(&op.key)?;
         let node = self.node().clone();
         let needs_quorum = matches!(node.invariants().route(&op)?, Route::Quorum { .. });
@@ -163,7 +181,9 @@ impl Cluster {
             return blocking(move || node.apply(&op)).await;
         }
         if let Some(coordinator) = self.coordinator.get() {
-            return coordinator.propose(op, Instant::now() + timeout).await;
+            return coordinator
+                .propose_idempotent(op, Instant::now() + timeout, idempotency_key)
+                .await;
         }
         if self.alone() {
             return blocking(move || node.apply_alone(&op)).await;
@@ -209,8 +229,20 @@ impl Cluster {
         w: WriteQuorum,
         timeout: Duration,
     ) -> Result<Applied, ClusterError> {
+        self.write_idempotent(op, w, timeout, None).await
+    }
+
+    /// [`Cluster::write`] with the client's idempotency key, which a
+    /// coordinated operation hands to the quorum (a local one ignores it).
+    pub async fn write_idempotent(
+        &self,
+        op: Op,
+        w: WriteQuorum,
+        timeout: Duration,
+        idempotency_key: Option<crate::quorum::IdempotencyKey>,
+    ) -> Result<Applied, ClusterError> {
         let key = op.key.clone();
-        let applied = self.apply(op, timeout).await?;
+        let applied = self.apply(op, timeout, idempotency_key).await?;
         let replicas = self.replicas_for(&key).len();
         let wanted = match w {
             WriteQuorum::One => 1,

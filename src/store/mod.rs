@@ -1,33 +1,54 @@
-//! Storage: a small [`Store`] trait over ordered bytes, with two engines —
-//! [`SledStore`] (durable, on disk) and [`MemoryStore`] (tests, simulation) —
-//! plus the node's persistent identity ([`load_or_create_node_id`]).
+//! Storage: a small [`Store`] trait over ordered bytes, with three durable
+//! engines on disk — [`SledStore`], [`FjallStore`] and [`RedbStore`] — and
+//! [`MemoryStore`] (tests, simulation), plus the node's persistent identity
+//! ([`load_or_create_node_id`]).
 //!
 //! The store knows nothing of CRDTs: the node reads a key's bytes, merges in its
 //! own code under a per-key lock, and writes the result back in one batch.
 //!
 //! - `durability.rs`: the [`Durability`] modes and what each can lose.
 //! - `group_commit.rs`: many `Sync` writers, one flush (engine-independent).
+//! - `commit_policy.rs`: the durability modes over group commit, for engines
+//!   whose flush is one call (fjall, redb).
 //! - `sled_engine.rs`: [`SledStore`], the only file that names sled.
+//! - `fjall_engine.rs`: [`FjallStore`], the only file that names fjall.
+//! - `redb_engine.rs`: [`RedbStore`], the only file that names redb.
+//! - `engine.rs`: [`Engine`] and [`open`], which opens a store directory only
+//!   with the engine that made it.
+//! - `marker.rs`: the store directory's marker file (engine, format version).
 //! - `memory.rs`: [`MemoryStore`].
+//! - `space.rs`: [`SpaceGuard`], which refuses writes before the disk is full.
 //! - `node_id.rs`: the node id file.
 
+mod commit_policy;
 mod durability;
+mod engine;
+mod fjall_engine;
 mod group_commit;
+mod marker;
 mod memory;
 mod node_id;
+mod redb_engine;
 mod sled_engine;
+mod space;
 
 pub use durability::{
     Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, NONE_UNFLUSHED_BATCHES_MAX,
     UNFLUSHED_BATCHES_MAX,
 };
+pub use engine::{open, open_reserving, Engine, UnknownEngine};
+pub use fjall_engine::FjallStore;
+pub use marker::{STORE_FORMAT_VERSION, STORE_MARKER_FILE};
 pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
+pub use redb_engine::RedbStore;
 pub use sled_engine::SledStore;
+pub use space::{SpaceGuard, FREE_BYTES_MIN_DEFAULT};
 
 use crate::metrics::Histogram;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// A stored key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
@@ -79,8 +100,9 @@ impl Batch {
 /// Numbers an engine reports for the metrics endpoint.
 #[derive(Clone, Debug, Default)]
 pub struct StoreStats {
-    /// Bytes the engine occupies: on disk for sled (its data file and blob
-    /// files), keys plus values for the memory engine.
+    /// Bytes the engine occupies: on disk for the disk engines (sled: its data
+    /// file and blob files; fjall and redb: blocks allocated to their files),
+    /// keys plus values for the memory engine.
     pub size_bytes: u64,
     /// Batches applied.
     pub batches: u64,
@@ -155,6 +177,58 @@ pub enum StoreError {
         /// What the engine said.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The store directory was made by another engine. Nothing on disk changed.
+    #[error("{} holds a {found} store; it cannot be opened with {requested}", path.display())]
+    EngineMismatch {
+        /// The store directory.
+        path: PathBuf,
+        /// The engine that made it.
+        found: Engine,
+        /// The engine asked for.
+        requested: Engine,
+    },
+    /// A new store directory was asked of an engine that only opens existing
+    /// ones (sled). Nothing was created.
+    #[error("{}: {engine} opens existing store directories only; make new ones with fjall or redb", path.display())]
+    EngineRetired {
+        /// The store directory.
+        path: PathBuf,
+        /// The engine asked for.
+        engine: Engine,
+    },
+    /// The store directory is of a newer format than this build reads (a newer
+    /// calmkv made it). Nothing on disk changed.
+    #[error("{} is in store format {found}; this build reads format {supported} and older", path.display())]
+    UnsupportedFormat {
+        /// The store directory.
+        path: PathBuf,
+        /// The directory's format.
+        found: u32,
+        /// The newest format this build reads.
+        supported: u32,
+    },
+    /// The store directory's marker file is malformed, or the directory holds
+    /// files but no marker. Nothing on disk changed.
+    #[error("{}: {reason}", path.display())]
+    BadMarker {
+        /// The marker file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The file system holding the store has too little free space for this
+    /// batch and the reserve the store keeps ([`FREE_BYTES_MIN_DEFAULT`]). The
+    /// batch was refused before the engine saw it: nothing changed. Reads keep
+    /// working, and writes are accepted again once space is freed.
+    #[error("{}: {available_bytes} bytes free, this write needs {needed_bytes} (with the reserve); free some space", path.display())]
+    InsufficientStorage {
+        /// The store directory.
+        path: PathBuf,
+        /// Bytes free for the store when it looked.
+        available_bytes: u64,
+        /// Bytes the batch needs free, the reserve included.
+        needed_bytes: u64,
+    },
     /// The durability setting cannot be used. Nothing was opened.
     #[error("durability {durability:?}: {reason}")]
     InvalidDurability {
@@ -167,7 +241,7 @@ pub enum StoreError {
 
 /// An ordered key-value engine with atomic batches and a durability barrier.
 ///
-/// Both engines have the same semantics: a batch is atomic (all or nothing, even
+/// Every engine has the same semantics: a batch is atomic (all or nothing, even
 /// across a crash) and isolated (a `get` or a scan page sees all of it or none of
 /// it); a scan page is ordered by key.
 ///
@@ -211,7 +285,56 @@ pub(crate) fn scan_start(prefix: &[u8], start_after: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
-/// Behaviour both engines must share, run against each.
+/// Whether this process has opened a store in `dir` before; with `record`,
+/// remembers that it has now. An engine whose lock outlives its handle for a
+/// moment (background threads finishing) waits for it only in a directory this
+/// process opened: any other lock is another process's.
+pub(crate) fn opened_in_this_process(dir: &Path, record: bool) -> bool {
+    static OPENED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if record {
+        !opened.insert(dir)
+    } else {
+        opened.contains(&dir)
+    }
+}
+
+/// The bytes the files under `dir` occupy on the device: allocated blocks, not
+/// lengths, since fjall preallocates its journal as a sparse file. Files and
+/// directories that vanish during the walk (an engine compacting) count as
+/// empty. Descends at most [`DIR_DEPTH_MAX`] levels.
+pub(crate) fn allocated_bytes(dir: &Path) -> Result<u64, StoreError> {
+    fn walk(dir: &Path, depth: usize) -> Result<u64, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let io = |source| StoreError::Io { path: dir.to_path_buf(), source };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(e)),
+        };
+        let mut total = 0;
+        for entry in entries {
+            let entry = entry.map_err(io)?;
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(e)),
+            };
+            total += metadata.blocks() * 512;
+            if metadata.is_dir() && depth < DIR_DEPTH_MAX {
+                total += walk(&entry.path(), depth + 1)?;
+            }
+        }
+        Ok(total)
+    }
+    walk(dir, 0)
+}
+
+/// How deep [`allocated_bytes`] looks: fjall nests three levels.
+const DIR_DEPTH_MAX: usize = 8;
+
+/// Behaviour every engine must share, run against each.
 #[cfg(test)]
 mod contract_tests {
     use super::*;
@@ -219,9 +342,17 @@ mod contract_tests {
 
     /// Each engine, named, with the directory that must outlive it.
     fn engines() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
-        let dir = tempfile::tempdir().unwrap();
-        let sled = SledStore::open(dir.path(), Durability::Sync).unwrap();
-        vec![("memory", Box::new(MemoryStore::new()), None), ("sled", Box::new(sled), Some(dir))]
+        let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+        let sled = SledStore::open(dirs[0].path(), Durability::Sync).unwrap();
+        let fjall = FjallStore::open(dirs[1].path(), Durability::Sync).unwrap();
+        let redb = RedbStore::open(dirs[2].path(), Durability::Sync).unwrap();
+        let [sled_dir, fjall_dir, redb_dir] = dirs;
+        vec![
+            ("memory", Box::new(MemoryStore::new()), None),
+            ("sled", Box::new(sled), Some(sled_dir)),
+            ("fjall", Box::new(fjall), Some(fjall_dir)),
+            ("redb", Box::new(redb), Some(redb_dir)),
+        ]
     }
 
     fn keys(rows: Vec<Entry>) -> Vec<String> {
@@ -309,10 +440,12 @@ mod contract_tests {
     fn size_counts_the_data() {
         for (name, store, _dir) in engines() {
             let empty = store.stats().unwrap();
-            store.apply(Batch::new().put("k", vec![7; 10_000])).unwrap();
+            // Random bytes: fjall compresses its journal and tables.
+            let value: Vec<u8> = (0..10_000).map(|_| rand::random()).collect();
+            store.apply(Batch::new().put("k", value)).unwrap();
             let full = store.stats().unwrap();
             assert!(full.size_bytes >= 10_000, "{name}: {full:?}");
-            assert!(full.size_bytes > empty.size_bytes, "{name}");
+            assert!(full.size_bytes > empty.size_bytes, "{name}: {empty:?} then {full:?}");
             assert_eq!(full.batches, empty.batches + 1, "{name}");
         }
     }

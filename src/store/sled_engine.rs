@@ -43,7 +43,7 @@ use super::group_commit::{CommitError, GroupCommit};
 use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
 use super::{NONE_UNFLUSHED_BATCHES_MAX, UNFLUSHED_BATCHES_MAX};
 use crate::metrics::Histogram;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::ErrorKind;
@@ -215,7 +215,7 @@ fn open_when_released(
     wait_max: Duration,
 ) -> Result<sled::Db, StoreError> {
     let started = Instant::now();
-    let opened_here = opened_in_this_process(dir, false);
+    let opened_here = super::opened_in_this_process(dir, false);
     loop {
         match config.open() {
             // sled reports the lock as an `Other` I/O error with this text.
@@ -228,23 +228,10 @@ fn open_when_released(
             }
             result => {
                 let db = result?;
-                opened_in_this_process(dir, true);
+                super::opened_in_this_process(dir, true);
                 return Ok(db);
             }
         }
-    }
-}
-
-/// Whether this process has opened the store in `dir` before; with `record`,
-/// remembers that it has now.
-fn opened_in_this_process(dir: &Path, record: bool) -> bool {
-    static OPENED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
-    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let mut opened = OPENED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if record {
-        !opened.insert(dir)
-    } else {
-        opened.contains(&dir)
     }
 }
 

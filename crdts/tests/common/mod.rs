@@ -16,7 +16,14 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 
 /// Limits small enough that histories cross them.
-pub const TEST_LIMITS: Limits = Limits { members_max: 6, siblings_max: 3 };
+pub const TEST_LIMITS: Limits = Limits {
+    members_max: 6,
+    siblings_max: 3,
+    context_entries_max: Limits::CONTEXT_ENTRIES_MAX,
+    depth_max: Limits::DEPTH_MAX,
+    value_bytes_max: Limits::VALUE_BYTES_MAX,
+    member_bytes_max: Limits::MEMBER_BYTES_MAX,
+};
 
 /// One operation of a history, as it happened.
 #[derive(Clone, Debug)]
@@ -47,6 +54,20 @@ pub trait Model {
         history: &[Record<Self::State, Self::Op>],
         seen: &BTreeSet<usize>,
     ) -> Result<(), String>;
+
+    /// Checks what a replica reads after receiving part of what `origin` has
+    /// seen against what `origin` reads (`origin_seen`: the operations
+    /// `origin` has seen). For counters: neither direction's total may exceed
+    /// the origin's. Types whose reads are not quantities accept anything here;
+    /// the lattice order is checked for every type by the harness.
+    fn check_below(
+        _receiver: &Self::State,
+        _origin: &Self::State,
+        _history: &[Record<Self::State, Self::Op>],
+        _origin_seen: &BTreeSet<usize>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 pub fn node(replica: usize) -> NodeId {
@@ -163,6 +184,45 @@ pub fn check_deltas<M: Model>(run: &Run<M>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The delta law: any deltas a replica has seen, delivered to another replica
+/// as an arbitrary sub-multiset in arbitrary order (`picks` index them, with
+/// repetition), leave the receiver below that replica in the lattice order
+/// (`receiver ⊔ origin = origin`) after every delivery, and
+/// [`Model::check_below`] holds of what it reads. Merge laws alone cannot
+/// catch a delta that is unsafe under loss: a counter delta that failed to
+/// supersede an older share made a receiver read more than the origin had
+/// ever counted.
+pub fn check_delta_subsets<M: Model>(
+    run: &Run<M>,
+    origin: Index,
+    picks: &[Index],
+) -> Result<(), TestCaseError> {
+    let r = origin.index(run.replicas.len());
+    let (origin, seen) = (&run.replicas[r], &run.seen[r]);
+    let deltas: Vec<&M::State> =
+        seen.iter().filter_map(|&i| run.history[i].delta.as_ref()).collect();
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let mut receiver = M::State::default();
+    for (step, pick) in picks.iter().enumerate() {
+        receiver.merge(deltas[pick.index(deltas.len())]);
+        prop_assert_eq!(
+            &receiver.merged(origin),
+            origin,
+            "after {} deliveries the receiver is not below the origin",
+            step + 1
+        );
+        if let Err(why) = M::check_below(&receiver, origin, &run.history, seen) {
+            return Err(TestCaseError::fail(format!(
+                "after {} deliveries: {why}\nreceiver: {receiver:?}\norigin: {origin:?}",
+                step + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Every replica's state matches the specification for what it has seen.
 pub fn check_spec<M: Model>(run: &Run<M>) -> Result<(), TestCaseError> {
     for (r, (state, seen)) in run.replicas.iter().zip(&run.seen).enumerate() {
@@ -250,7 +310,7 @@ pub fn check_network<M: Model>(
     Ok(())
 }
 
-/// Instantiates the four property tests for one model.
+/// Instantiates the five property tests for one model.
 #[macro_export]
 macro_rules! crdt_properties {
     ($name:ident, $model:ty) => {
@@ -278,6 +338,16 @@ macro_rules! crdt_properties {
                 fn prop_matches_sequential_spec((n, steps) in common::steps::<$model>()) {
                     let run = common::run_history::<$model>(n, &steps)?;
                     common::check_spec::<$model>(&run)?;
+                }
+
+                #[test]
+                fn prop_delta_subsets_stay_below_the_origin(
+                    (n, steps) in common::steps::<$model>(),
+                    origin in any::<Index>(),
+                    picks in proptest::collection::vec(any::<Index>(), 0..40),
+                ) {
+                    let run = common::run_history::<$model>(n, &steps)?;
+                    common::check_delta_subsets::<$model>(&run, origin, &picks)?;
                 }
 
                 #[test]

@@ -1,0 +1,335 @@
+//! Disk space, per disk engine:
+//!
+//! - overwrites and deletes free their space: 300 overwrites of one 1 MiB
+//!   value leave the store directory under [`overwrite_bound_bytes`] (three
+//!   times the live value plus the engine's constant), and after a delete and
+//!   the engine's own background work (waited for under a deadline) under the
+//!   engine's constant ([`engine_constant_bytes`]);
+//! - a full disk is an ordinary error, on a real small file system (a tmpfs,
+//!   mounted by the test; it needs root, and says so and skips without it):
+//!   writes are refused with `StoreError::InsufficientStorage` and change
+//!   nothing, reads keep working, writes are accepted again once space is
+//!   freed, and every acknowledged write is there after a reopen.
+//!
+//! `cargo test --test space -- --nocapture` prints the sizes measured.
+#![cfg(unix)]
+
+use calmkv::store::{self, Batch, Durability, Engine, StoreError};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// One value of the overwrite test.
+const VALUE_BYTES: usize = 1 << 20;
+
+/// Overwrites of the one key.
+const OVERWRITES: usize = 300;
+
+/// What an engine may occupy beyond its live data, whatever was written before.
+///
+/// - fjall: its journal file, preallocated to 64 MiB and filled before it is
+///   replaced (the old one is deleted once the memtables it covers are
+///   written out), plus a memtable's worth (8 MiB) of level-0 tables not yet
+///   compacted: 64 + 3 × 8 MiB.
+/// - redb: its file grows by regions and reuses freed pages: 8 MiB.
+/// - sled: its segments and blob files: 32 MiB (sled 0.34.7 does not keep it).
+fn engine_constant_bytes(engine: Engine) -> u64 {
+    match engine {
+        Engine::Fjall => 88 * MIB,
+        Engine::Redb => 8 * MIB,
+        Engine::Sled => 32 * MIB,
+    }
+}
+
+/// How long the engine's background work (fjall's flushes and compactions) may
+/// take to bring the size under the bound.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The bound after the overwrites: three times the live value, plus the engine's
+/// constant.
+fn overwrite_bound_bytes(engine: Engine) -> u64 {
+    3 * VALUE_BYTES as u64 + engine_constant_bytes(engine)
+}
+
+/// Blocks allocated under `dir`, in bytes (files that vanish meanwhile count 0).
+fn allocated_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(next) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else { continue };
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.metadata() else { continue };
+            total += metadata.blocks() * 512;
+            if metadata.is_dir() {
+                todo.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+/// Every file under `dir` with its allocated size, for a failure message.
+fn listing(dir: &Path) -> String {
+    let mut lines = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(next) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else { continue };
+        for entry in entries.flatten() {
+            let Ok(metadata) = entry.metadata() else { continue };
+            if metadata.is_dir() {
+                todo.push(entry.path());
+            } else {
+                let path = entry.path();
+                let name = path.strip_prefix(dir).unwrap_or(&path).display().to_string();
+                lines.push(format!("  {name}: {} KiB", metadata.blocks() / 2));
+            }
+        }
+    }
+    lines.sort();
+    lines.join("\n")
+}
+
+/// Random (incompressible) bytes, the first eight being `stamp`.
+fn random_value(bytes: usize, stamp: u64) -> Vec<u8> {
+    use rand::RngCore;
+    let mut value = vec![0; bytes];
+    rand::rng().fill_bytes(&mut value);
+    value[..8].copy_from_slice(&stamp.to_le_bytes());
+    value
+}
+
+/// Waits until `dir` occupies at most `bound` bytes, or the deadline passes;
+/// the last size seen.
+fn settle(dir: &Path, bound: u64) -> u64 {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let size = allocated_bytes(dir);
+        if size <= bound || Instant::now() >= deadline {
+            return size;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // polling a condition
+    }
+}
+
+fn overwrites_and_a_delete_free_their_space(engine: Engine) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("store");
+    if engine == Engine::Sled {
+        drop(calmkv::store::SledStore::open(&dir, Durability::Sync).unwrap());
+    }
+    let store = store::open(Some(engine), &dir, Durability::Sync).unwrap();
+    let mut value = Vec::new();
+    for i in 0..OVERWRITES {
+        value = random_value(VALUE_BYTES, i as u64);
+        store.apply(Batch::new().put("big", value.clone())).unwrap();
+    }
+    let at_once = allocated_bytes(&dir);
+    let overwritten = settle(&dir, overwrite_bound_bytes(engine));
+    let files_overwritten = listing(&dir);
+    assert_eq!(store.get(b"big").unwrap(), Some(value), "{engine}");
+    store.apply(Batch::new().delete("big")).unwrap();
+    let deleted = settle(&dir, engine_constant_bytes(engine));
+    drop(store);
+    let store = store::open(Some(engine), &dir, Durability::Sync).unwrap();
+    let reopened = settle(&dir, engine_constant_bytes(engine));
+    assert_eq!(store.get(b"big").unwrap(), None, "{engine}");
+    println!(
+        "{engine}: {OVERWRITES} overwrites of {} MiB: {:.1} MiB at once, {:.1} MiB settled; \
+         after the delete {:.1} MiB, after a reopen {:.1} MiB (bounds {} MiB, then {} MiB)",
+        VALUE_BYTES as u64 / MIB,
+        at_once as f64 / MIB as f64,
+        overwritten as f64 / MIB as f64,
+        deleted as f64 / MIB as f64,
+        reopened as f64 / MIB as f64,
+        overwrite_bound_bytes(engine) / MIB,
+        engine_constant_bytes(engine) / MIB,
+    );
+    assert!(
+        overwritten <= overwrite_bound_bytes(engine),
+        "{engine}: {overwritten} bytes:\n{files_overwritten}"
+    );
+    assert!(deleted <= engine_constant_bytes(engine), "{engine}: {deleted} bytes after the delete");
+    assert!(
+        reopened <= engine_constant_bytes(engine),
+        "{engine}: {reopened} bytes after a reopen:\n{}",
+        listing(&dir)
+    );
+}
+
+#[test]
+fn fjall_overwrites_and_a_delete_free_their_space() {
+    overwrites_and_a_delete_free_their_space(Engine::Fjall);
+}
+
+#[test]
+fn redb_overwrites_and_a_delete_free_their_space() {
+    overwrites_and_a_delete_free_their_space(Engine::Redb);
+}
+
+/// sled 0.34.7 fails: 300 overwrites of 1 MiB leave about 301 MiB that
+/// neither the delete nor a reopen frees (its segment cleaning rides on its own
+/// flusher, which calmkv must keep off; docs/storage.md).
+#[test]
+#[ignore = "sled 0.34.7 keeps every overwritten value (about 301 MiB here); see docs/storage.md"]
+fn sled_overwrites_and_a_delete_free_their_space() {
+    overwrites_and_a_delete_free_their_space(Engine::Sled);
+}
+
+/// The tmpfs's size.
+const TMPFS_BYTES: u64 = 64 * MIB;
+
+/// The reserve the store keeps in the full-disk test: above fjall's memtable
+/// (8 MiB), which its background flush writes out while the journal still holds
+/// it.
+const RESERVE_BYTES: u64 = 16 * MIB;
+
+/// Free space left for the store by the ballast, beyond the reserve.
+const ROOM_BYTES: u64 = 12 * MIB;
+
+/// One value of the full-disk test.
+const FULL_VALUE_BYTES: usize = 64 << 10;
+
+/// A tmpfs mounted on a temporary directory, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts one, or says why it cannot.
+    fn mount(bytes: u64) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("mount did not run: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let status = Command::new("umount").arg(self.dir.path()).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("umount {} failed: {status:?}", self.dir.path().display());
+        }
+    }
+}
+
+/// Bytes free for a writer on the file system of `path`.
+fn available_bytes(path: &Path) -> u64 {
+    let output = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    text.lines().nth(1).expect("df prints a value").trim().parse().unwrap()
+}
+
+/// Fills `path` with `bytes` bytes of data.
+fn write_ballast(path: &Path, bytes: u64) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xAB; MIB as usize];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        file.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+    file.sync_all().unwrap();
+}
+
+fn a_full_disk_refuses_writes_and_recovers(engine: Engine) {
+    let tmpfs = match Tmpfs::mount(TMPFS_BYTES) {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            println!("SKIPPED {engine} full-disk test: {reason} (it needs root)");
+            return;
+        }
+    };
+    let dir = tmpfs.path().join("store");
+    let ballast: PathBuf = tmpfs.path().join("ballast");
+    let open = || store::open_reserving(Some(engine), &dir, Durability::Sync, RESERVE_BYTES);
+    if engine == Engine::Sled {
+        // sled makes no new stores: one as calmkv made them before markers.
+        drop(calmkv::store::SledStore::open(&dir, Durability::Sync).unwrap());
+    }
+    let store = open().unwrap();
+    let free = available_bytes(tmpfs.path());
+    write_ballast(&ballast, free - RESERVE_BYTES - ROOM_BYTES);
+
+    // Write until refused.
+    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
+    let writes_max = (ROOM_BYTES as usize / FULL_VALUE_BYTES) * 4;
+    let refusal = loop {
+        assert!(acked.len() < writes_max, "{engine}: {writes_max} writes and no refusal");
+        let key = format!("k/{:05}", acked.len());
+        let value = random_value(FULL_VALUE_BYTES, acked.len() as u64);
+        match store.apply(Batch::new().put(key.clone(), value.clone())) {
+            Ok(()) => acked.push((key, value)),
+            Err(error) => break (key, error),
+        }
+    };
+    let (refused_key, error) = refusal;
+    assert!(
+        matches!(error, StoreError::InsufficientStorage { .. }),
+        "{engine}: after {} writes: {error}",
+        acked.len()
+    );
+    println!("{engine}: refused after {} writes of 64 KiB: {error}", acked.len());
+    assert_eq!(store.get(refused_key.as_bytes()).unwrap(), None, "{engine}: refused, yet stored");
+    for attempt in 0..3 {
+        let result = store.apply(Batch::new().put(format!("again/{attempt}"), vec![1; 1024]));
+        assert!(matches!(result, Err(StoreError::InsufficientStorage { .. })), "{result:?}");
+    }
+    // Reads keep working.
+    for (key, value) in &acked {
+        assert_eq!(store.get(key.as_bytes()).unwrap().as_ref(), Some(value), "{engine}: {key}");
+    }
+    let rows = store.scan_prefix(b"", None, usize::MAX).unwrap();
+    assert_eq!(rows.len(), acked.len(), "{engine}: the refused writes left something behind");
+
+    // Space freed: writes are accepted again, without a restart.
+    std::fs::remove_file(&ballast).unwrap();
+    for i in 0..10 {
+        let key = format!("after/{i}");
+        let value = random_value(FULL_VALUE_BYTES, i);
+        store.apply(Batch::new().put(key.clone(), value.clone())).unwrap();
+        acked.push((key, value));
+    }
+    drop(store);
+
+    let store = open().unwrap();
+    for (key, value) in &acked {
+        assert_eq!(store.get(key.as_bytes()).unwrap().as_ref(), Some(value), "{engine}: {key}");
+    }
+    assert_eq!(store.scan_prefix(b"", None, usize::MAX).unwrap().len(), acked.len());
+    drop(store);
+}
+
+#[test]
+fn fjall_refuses_writes_on_a_full_disk_and_recovers() {
+    a_full_disk_refuses_writes_and_recovers(Engine::Fjall);
+}
+
+#[test]
+fn redb_refuses_writes_on_a_full_disk_and_recovers() {
+    a_full_disk_refuses_writes_and_recovers(Engine::Redb);
+}
+
+#[test]
+fn sled_refuses_writes_on_a_full_disk_and_recovers() {
+    a_full_disk_refuses_writes_and_recovers(Engine::Sled);
+}
