@@ -22,6 +22,10 @@ pub struct Conn {
     /// Give up on a request after this many milliseconds.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Trust this PEM CA certificate for an https:// --url (the only one
+    /// trusted: there are no built-in roots).
+    #[arg(long, env = "CALMKV_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     /// Writes: the `Idempotency-Key` to send (default: a fresh random one per
     /// command). A coordinated operation retried with the same key is applied
     /// once; the server ignores the key on local operations.
@@ -41,8 +45,16 @@ struct Client {
 
 impl Client {
     fn new(conn: Conn) -> anyhow::Result<Client> {
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_millis(conn.timeout_ms)).build()?;
+        let mut builder =
+            reqwest::Client::builder().timeout(Duration::from_millis(conn.timeout_ms));
+        if let Some(path) = &conn.ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read the CA certificate {}", path.display()))?;
+            let ca = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder.build()?;
         Ok(Client { http, conn })
     }
 

@@ -33,7 +33,7 @@ struct Cli {
 enum Command {
     /// Run a node: a local data directory and the HTTP API; with --gossip-addr
     /// and --peer-addr, a member of a cluster.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Start a local cluster of N nodes in this process (loopback ports,
     /// temporary data directories) and print each node's URLs; Ctrl-C stops it.
     Demo(demo::DemoArgs),
@@ -225,6 +225,12 @@ struct ServeArgs {
     /// Flush period for --durability interval, in milliseconds.
     #[arg(long, env = "CALMKV_FLUSH_INTERVAL_MS", default_value_t = 100)]
     flush_interval_ms: u64,
+    /// Serve the HTTP API over HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "CALMKV_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "CALMKV_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Require `Authorization: Bearer <token>` on every route but /healthz and /readyz.
     #[arg(long, env = "CALMKV_AUTH_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
@@ -343,10 +349,13 @@ impl ServeArgs {
     async fn server_config(&self) -> anyhow::Result<ServerConfig> {
         let mut config = ServerConfig::new(self.config()?, self.http_addr.clone());
         config.auth_token = self.auth_token.clone();
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            config.tls = Some(calmkv::http::Tls::from_pem_files(cert, key)?);
+        }
         config.peer_addr = self.peer_addr.clone();
         if let Some(secret) = &self.cluster_secret {
             config.cluster_secret = Some(ClusterSecret::parse(secret).context(
-                "--cluster-secret takes 1 to 8 comma-separated secrets of at least 16 bytes each",
+                "--cluster-secret must be at least 16 bytes (each of 1 to 8 comma-separated secrets)",
             )?);
         }
         if self.quorum_addr.is_some() && self.voters.is_empty() {
@@ -398,7 +407,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         node = %id, %http_addr, data_dir = %args.data_dir.display(), "calmkv node serving"
     );
-    println!("calmkv node {id} listening on http://{http_addr}");
+    let scheme = if args.tls_cert.is_some() { "https" } else { "http" };
+    println!("calmkv node {id} listening on {scheme}://{http_addr}");
     if let (Some(gossip), Some(peer)) = (server.gossip_addr(), server.peer()) {
         println!("calmkv node {id} gossip={gossip} peer={}", peer.addr);
     }
@@ -458,7 +468,7 @@ async fn main() -> ExitCode {
         .with_ansi(ansi)
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Demo(args) => demo::run(args).await,
         command => client::run(command).await,
     };

@@ -11,7 +11,7 @@
 //! starts an anti-entropy round with it at once, so it catches up without
 //! waiting for the periodic round.
 
-use crate::http::{AppState, HttpConfig};
+use crate::http::{AppState, HttpConfig, Tls};
 use crate::metrics::Metrics;
 use crate::quorum::{QuorumConfig, QuorumError, QuorumGroup, Timings};
 use crate::replication::cluster::Cluster;
@@ -47,6 +47,8 @@ pub struct ServerConfig {
     pub peer_addr: Option<String>,
     /// Bearer token the HTTP API requires.
     pub auth_token: Option<String>,
+    /// Serve the HTTP API over HTTPS with this certificate and key.
+    pub tls: Option<Tls>,
     /// Secret that authenticates peer frames.
     pub cluster_secret: Option<ClusterSecret>,
     /// Period of anti-entropy rounds.
@@ -104,6 +106,7 @@ impl ServerConfig {
             http_addr: http_addr.into(),
             peer_addr: None,
             auth_token: None,
+            tls: None,
             cluster_secret: None,
             anti_entropy_period: ANTI_ENTROPY_PERIOD,
             gossip: None,
@@ -208,9 +211,10 @@ impl Server {
             HttpConfig { auth_token: config.auth_token.clone(), http_addr: http_addr.to_string() },
         );
         let (http_stop, stopped) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(crate::http::serve(http, state, async move {
-            let _ = stopped.await;
-        }));
+        let http_task =
+            tokio::spawn(crate::http::serve_with(http, state, config.tls.clone(), async move {
+                let _ = stopped.await;
+            }));
         let membership = match (&config.gossip, peer_addr) {
             (None, _) => None,
             (Some(_), None) => {

@@ -6,8 +6,9 @@
 //! render the answer. Bounded before trusted, outermost first:
 //!
 //! 1. the accept loop: at most `http_connections_per_ip_max` connections per
-//!    client IP (more are closed at once), and a connection that does not send
-//!    a request's headers within `header_read_timeout` is closed;
+//!    client IP (more are closed at once), then, with [`Tls`], a TLS handshake
+//!    within `header_read_timeout`, and a connection that does not send a
+//!    request's headers within `header_read_timeout` is closed;
 //! 2. metrics per route;
 //! 3. the optional bearer token;
 //! 4. the body is read whole within `body_read_timeout` (a slow body is
@@ -249,11 +250,88 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then finishes the
-/// requests in flight and returns.
+/// HTTPS for the API: the server's certificate chain and private key.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// Why the TLS settings could not be used. Nothing was served.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is missing, unreadable or holds no PEM certificate.
+    #[error("cannot read the certificate chain {path}: {reason}")]
+    Certificates {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The key file is missing, unreadable or holds no PEM private key.
+    #[error("cannot read the private key {path}: {reason}")]
+    Key {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The certificate and key do not make a server configuration (say, the
+    /// key does not match the certificate).
+    #[error("the certificate and key cannot serve TLS: {reason}")]
+    Config {
+        /// What rustls said.
+        reason: String,
+    },
+}
+
+impl Tls {
+    /// Loads a PEM certificate chain (the server's first) and a PEM private key.
+    pub fn from_pem_files(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs_error = |reason: String| TlsError::Certificates { path: cert.into(), reason };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| certs_error(e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| certs_error(e.to_string()))?;
+        if chain.is_empty() {
+            return Err(certs_error("no certificate in the file".into()));
+        }
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| TlsError::Key { path: key.into(), reason: e.to_string() })?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+            .map_err(|e| TlsError::Config { reason: e.to_string() })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Tls { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)) })
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls(..)")
+    }
+}
+
+/// Serves the API over plain HTTP on `listener` until `shutdown` completes,
+/// then finishes the requests in flight and returns.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, state, None, shutdown).await
+}
+
+/// Serves the API, over HTTPS with `tls`, until `shutdown` completes. A TLS
+/// handshake must finish within the header read timeout; the per-IP cap
+/// applies before it.
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<Tls>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let limits = state.node().limits().clone();
@@ -282,10 +360,35 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = hyper_util::rt::TokioIo::new(stream);
-        let connection = graceful.watch(http.serve_connection(io, service.clone()));
+        let (http, service, watcher, tls) =
+            (http.clone(), service.clone(), graceful.watcher(), tls.clone());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    watcher.watch(http.serve_connection(io, service)).await
+                }
+                Some(tls) => {
+                    let accepted =
+                        tokio::time::timeout(handshake_timeout, tls.acceptor.accept(stream)).await;
+                    match accepted {
+                        Ok(Ok(stream)) => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            watcher.watch(http.serve_connection(io, service)).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%remote, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%remote, %error, "HTTP connection ended with an error");
             }
             drop(slot);
