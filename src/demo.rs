@@ -36,7 +36,8 @@ pub struct DemoArgs {
     /// restarted); by default a temporary directory, removed on exit.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Shared secret (at least 16 bytes) for gossip and peer traffic.
+    /// Shared secret (at least 16 bytes) for gossip, peer and quorum traffic;
+    /// several, comma-separated, make a keyring (the first seals).
     #[arg(long, env = "CALMKV_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
     /// Invariant declarations every node enforces (TOML; docs/invariants.md).
@@ -76,10 +77,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         bail!("--nodes must be between 1 and {NODES_MAX}");
     }
     let secret = match &args.cluster_secret {
-        Some(secret) => Some(
-            ClusterSecret::new(secret.as_bytes())
-                .context("--cluster-secret must be at least 16 bytes")?,
-        ),
+        Some(secret) => Some(ClusterSecret::parse(secret).context(
+            "--cluster-secret must be at least 16 bytes (each of 1 to 8 comma-separated secrets)",
+        )?),
         None => None,
     };
     let temp = match &args.data_dir {

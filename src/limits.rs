@@ -49,6 +49,13 @@ pub struct Limits {
     /// HTTP connections open at once from one client IP address; more are
     /// closed at once.
     pub http_connections_per_ip_max: usize,
+    /// HTTP connections open at once from all clients; more are closed at once.
+    pub http_connections_max: usize,
+    /// Bytes of request bodies being read at once, over all connections: each
+    /// request reserves its declared length (or `body_bytes_max` when it
+    /// declares none) before its body is read, and is answered
+    /// `503 overloaded` when the reservation does not fit.
+    pub body_buffer_bytes_max: usize,
 }
 
 impl Limits {
@@ -82,6 +89,11 @@ impl Limits {
     pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// Default HTTP connections per client IP.
     pub const HTTP_CONNECTIONS_PER_IP_MAX: usize = 256;
+    /// Default HTTP connections in all.
+    pub const HTTP_CONNECTIONS_MAX: usize = 8192;
+    /// Default bytes of request bodies read at once (256 MiB: 128 bodies of
+    /// the largest default size).
+    pub const BODY_BUFFER_BYTES_MAX: usize = 256 * 1024 * 1024;
 
     /// Checks that the bounds can work together: every count at least 1, a value
     /// smaller than a request body, a member no larger than a value.
@@ -99,12 +111,16 @@ impl Limits {
             ("context_bytes_max", self.context_bytes_max),
             ("context_entries_max", self.context_entries_max),
             ("http_connections_per_ip_max", self.http_connections_per_ip_max),
+            ("http_connections_max", self.http_connections_max),
         ];
         if let Some((name, _)) = counts.iter().find(|(_, n)| *n == 0) {
             return Err(format!("{name} must be at least 1"));
         }
         if self.value_bytes_max >= self.body_bytes_max {
             return Err("value_bytes_max must be smaller than body_bytes_max".into());
+        }
+        if self.body_buffer_bytes_max < self.body_bytes_max {
+            return Err("body_buffer_bytes_max must hold at least one body_bytes_max".into());
         }
         if self.member_bytes_max > self.value_bytes_max {
             return Err("member_bytes_max must not exceed value_bytes_max".into());
@@ -171,6 +187,8 @@ impl Default for Limits {
             header_read_timeout: Self::HEADER_READ_TIMEOUT,
             body_read_timeout: Self::BODY_READ_TIMEOUT,
             http_connections_per_ip_max: Self::HTTP_CONNECTIONS_PER_IP_MAX,
+            http_connections_max: Self::HTTP_CONNECTIONS_MAX,
+            body_buffer_bytes_max: Self::BODY_BUFFER_BYTES_MAX,
         }
     }
 }

@@ -266,6 +266,13 @@ struct ServeArgs {
     /// HTTP connections open at once from one client IP; more are closed at once.
     #[arg(long, env = "CALMKV_MAX_CONNECTIONS_PER_IP", default_value_t = Limits::HTTP_CONNECTIONS_PER_IP_MAX)]
     max_connections_per_ip: usize,
+    /// HTTP connections open at once from all clients; more are closed at once.
+    #[arg(long, env = "CALMKV_MAX_CONNECTIONS", default_value_t = Limits::HTTP_CONNECTIONS_MAX)]
+    max_connections: usize,
+    /// Bytes of request bodies read at once over all connections; a request
+    /// whose declared length does not fit is answered 503 overloaded.
+    #[arg(long, env = "CALMKV_MAX_BODY_BUFFER_BYTES", default_value_t = Limits::BODY_BUFFER_BYTES_MAX)]
+    max_body_buffer_bytes: usize,
     /// Invariant declarations (TOML) to enforce; see docs/invariants.md.
     #[arg(long, env = "CALMKV_INVARIANTS")]
     invariants: Option<PathBuf>,
@@ -328,6 +335,8 @@ impl ServeArgs {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             http_connections_per_ip_max: self.max_connections_per_ip,
+            http_connections_max: self.max_connections,
+            body_buffer_bytes_max: self.max_body_buffer_bytes,
             ..Limits::default()
         };
         limits.validate().map_err(|reason| anyhow::anyhow!("invalid limits: {reason}"))?;

@@ -158,3 +158,72 @@ async fn one_client_ip_cannot_open_more_than_its_cap() {
     drop(flood);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_total_cap_are_refused_whatever_their_ip() {
+    let limits =
+        Limits { http_connections_per_ip_max: 8, http_connections_max: 10, ..Limits::default() };
+    let server = TestServer::builder().limits(limits).start().await;
+    let to = addr(&server);
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        open.push(connect_from("127.0.0.2", to).await);
+    }
+    for _ in 0..4 {
+        open.push(connect_from("127.0.0.3", to).await);
+    }
+    let connections = server.state().connections().clone();
+    wait_until("two connections past the total cap are refused", || {
+        connections.refused.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    assert_eq!(connections.open.load(Ordering::Relaxed), 10);
+    drop(open);
+    wait_until("the slots are released", || connections.open.load(Ordering::Relaxed) == 0).await;
+    let put = server.put("/v1/kv/after").body("v").send().await.unwrap();
+    assert_eq!(put.status(), 204);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_past_the_buffer_budget_are_shed_before_they_are_read() {
+    // Room for two bodies of the largest size being read at once.
+    let limits = Limits {
+        value_bytes_max: 1024,
+        member_bytes_max: 1024,
+        body_bytes_max: 4096,
+        body_buffer_bytes_max: 8192,
+        body_read_timeout: Duration::from_secs(60),
+        ..Limits::default()
+    };
+    let server = TestServer::builder().limits(limits).start().await;
+    let to = addr(&server);
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect_from("127.0.0.2", to).await;
+        let head = "PUT /v1/kv/held HTTP/1.1\r\nHost: calmkv\r\nContent-Length: 4096\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        slow.push(stream);
+    }
+    let connections = server.state().connections().clone();
+    wait_until("both bodies are being read", || {
+        connections.reading_bodies.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let shed = server.put("/v1/kv/third").body("v").send().await.unwrap();
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let body: serde_json::Value = shed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded");
+    assert!(server.node().read(&key("third")).unwrap().is_none(), "nothing was applied");
+    // A request without a body needs no room.
+    assert_eq!(server.get("/v1/kv/third").send().await.unwrap().status(), 404);
+    drop(slow);
+    wait_until("the reservations are released", || {
+        connections.reading_bodies.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let put = server.put("/v1/kv/third").body("v").send().await.unwrap();
+    assert_eq!(put.status(), 204);
+    server.stop().await;
+}

@@ -185,7 +185,7 @@ fn every_node_error() -> Vec<NodeError> {
 /// One error of every variant of [`ApiError`] (every [`NodeError`] among them);
 /// a new variant breaks the match in `api_variant`, as above.
 fn every_api_error() -> Vec<ApiError> {
-    const API_VARIANTS: usize = 11;
+    const API_VARIANTS: usize = 12;
     fn api_variant(error: &ApiError) -> usize {
         match error {
             ApiError::Node(_) => 0,
@@ -199,6 +199,7 @@ fn every_api_error() -> Vec<ApiError> {
             ApiError::InsufficientHarvest { .. } => 8,
             ApiError::InsufficientReplicas { .. } => 9,
             ApiError::BodyTimeout { .. } => 10,
+            ApiError::BodiesOverloaded { .. } => 11,
         }
     }
     let mut samples: Vec<ApiError> = every_node_error().into_iter().map(ApiError::Node).collect();
@@ -213,6 +214,7 @@ fn every_api_error() -> Vec<ApiError> {
         ApiError::InsufficientHarvest { harvest: "0.33 (1/3)".into() },
         ApiError::InsufficientReplicas { acked: 1, wanted: 3 },
         ApiError::BodyTimeout { timeout_ms: 1 },
+        ApiError::BodiesOverloaded { bytes_max: 1 },
     ]);
     let covered: BTreeSet<usize> = samples.iter().map(api_variant).collect();
     assert_eq!(covered, (0..API_VARIANTS).collect(), "an ApiError variant has no sample");

@@ -50,6 +50,13 @@ pub enum ApiError {
         /// The in-flight limit.
         limit: usize,
     },
+    /// The request's body does not fit the budget of bodies being read at
+    /// once; nothing was read or applied.
+    #[error("too many request bodies being read (limit {bytes_max} bytes); retry later")]
+    BodiesOverloaded {
+        /// The budget.
+        bytes_max: usize,
+    },
     /// The request ran past the timeout; a write may or may not have been applied.
     #[error("request took longer than {timeout_ms} ms; a write may or may not have been applied")]
     Timeout {
@@ -86,7 +93,9 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::Overloaded { .. } | ApiError::BodiesOverloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
             ApiError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::InsufficientHarvest { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "insufficient_harvest")

@@ -6,14 +6,17 @@
 //! render the answer. Bounded before trusted, outermost first:
 //!
 //! 1. the accept loop: at most `http_connections_per_ip_max` connections per
-//!    client IP (more are closed at once), then, with [`Tls`], a TLS handshake
+//!    client IP and `http_connections_max` in all (more are closed at once),
+//!    then, with [`Tls`], a TLS handshake
 //!    within `header_read_timeout`, and a connection that does not send a
 //!    request's headers within `header_read_timeout` is closed;
 //! 2. metrics per route;
 //! 3. the optional bearer token;
-//! 4. the body is read whole within `body_read_timeout` (a slow body is
-//!    answered `408 body_timeout` and its connection closed) and within
-//!    `body_bytes_max`;
+//! 4. the body reserves its declared length (or `body_bytes_max`) in a budget
+//!    of `body_buffer_bytes_max` over all connections (`503 overloaded` when
+//!    it does not fit), then is read whole within `body_read_timeout` (a slow
+//!    body is answered `408 body_timeout` and its connection closed) and
+//!    within `body_bytes_max`;
 //! 5. load shedding: only then does a request take one of the
 //!    `in_flight_requests_max` permits (the rest are answered `503 overloaded`
 //!    at once, never queued), held through the handler under the request
@@ -64,16 +67,21 @@ struct Inner {
     metrics: Arc<Metrics>,
     auth_token: Option<String>,
     in_flight: Arc<Semaphore>,
+    /// KiB of request bodies being read (see `body_buffer_bytes_max`).
+    body_budget: Arc<Semaphore>,
     http_addr: String,
     connections: Arc<Connections>,
 }
+
+/// The body budget counts in KiB, so a semaphore's permits cover any size.
+const BODY_BUDGET_UNIT_BYTES: usize = 1024;
 
 /// Open HTTP connections per client IP, and the counters of the bounds the
 /// accept loop and the body reader enforce.
 #[derive(Debug, Default)]
 pub struct Connections {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Connections closed at once: their client IP had too many open.
+    /// Connections closed at once: too many open from their IP, or in all.
     pub refused: AtomicU64,
     /// Requests answered `408 body_timeout`.
     pub body_timeouts: AtomicU64,
@@ -90,10 +98,19 @@ struct ConnectionSlot {
 }
 
 impl Connections {
-    fn take(self: &Arc<Self>, ip: IpAddr, per_ip_max: usize) -> Option<ConnectionSlot> {
+    fn take(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        per_ip_max: usize,
+        total_max: usize,
+    ) -> Option<ConnectionSlot> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let total = self.open.load(Ordering::Relaxed) as usize;
         let open = per_ip.entry(ip).or_insert(0);
-        if *open >= per_ip_max {
+        if *open >= per_ip_max || total >= total_max {
+            if *open == 0 {
+                per_ip.remove(&ip);
+            }
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -109,7 +126,7 @@ impl Connections {
             ("calmkv_http_connections_open", "HTTP connections open now.", get(&self.open)),
             (
                 "calmkv_http_connections_refused_total",
-                "HTTP connections closed at once: their client IP had too many open.",
+                "HTTP connections closed at once: too many open from their IP, or in all.",
                 get(&self.refused),
             ),
             (
@@ -166,6 +183,8 @@ impl AppState {
         let auth_token = config.auth_token.filter(|t| !t.is_empty());
         let http_addr = config.http_addr;
         let connections = Arc::new(Connections::default());
+        let budget_units = node.limits().body_buffer_bytes_max.div_ceil(BODY_BUDGET_UNIT_BYTES);
+        let body_budget = Arc::new(Semaphore::new(budget_units.min(Semaphore::MAX_PERMITS)));
         AppState {
             inner: Arc::new(Inner {
                 node,
@@ -173,6 +192,7 @@ impl AppState {
                 metrics,
                 auth_token,
                 in_flight,
+                body_budget,
                 http_addr,
                 connections,
             }),
@@ -355,7 +375,9 @@ pub async fn serve_with(
                 continue;
             }
         };
-        let Some(slot) = connections.take(remote.ip(), limits.http_connections_per_ip_max) else {
+        let (per_ip_max, total_max) =
+            (limits.http_connections_per_ip_max, limits.http_connections_max);
+        let Some(slot) = connections.take(remote.ip(), per_ip_max, total_max) else {
             tracing::debug!(%remote, "too many HTTP connections from one client; closing one");
             continue;
         };
@@ -428,6 +450,23 @@ async fn record(State(state): State<AppState>, request: Request, next: Next) -> 
 async fn read_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limits = state.node().limits();
     let (parts, body) = request.into_parts();
+    // Reserve the body's room in the budget first: its declared length, or
+    // the largest body when it declares none (a chunked body).
+    let declared = axum::body::HttpBody::size_hint(&body).exact().map(|n| n as usize);
+    let reserved = declared.unwrap_or(limits.body_bytes_max).min(limits.body_bytes_max);
+    let units = u32::try_from(reserved.div_ceil(BODY_BUDGET_UNIT_BYTES)).unwrap_or(u32::MAX);
+    let _reservation = if units == 0 {
+        None
+    } else {
+        match state.inner.body_budget.clone().try_acquire_many_owned(units) {
+            Ok(reservation) => Some(reservation),
+            Err(_) => {
+                state.inner.metrics.shed.fetch_add(1, Ordering::Relaxed);
+                let bytes_max = limits.body_buffer_bytes_max;
+                return ApiError::BodiesOverloaded { bytes_max }.into_response();
+            }
+        }
+    };
     let timeout = limits.body_read_timeout;
     let reading = &state.inner.connections.reading_bodies;
     reading.fetch_add(1, Ordering::Relaxed);

@@ -1,20 +1,25 @@
 //! Frames of the peer channel and the quorum: how a message travels over TCP.
 //!
 //! ```text
-//! u32 big-endian length | version byte | MessagePack body (named fields) | [32-byte tag]
+//! plain:        u32 big-endian length | version 1 | MessagePack body (named fields)
+//! peer, sealed: u32 big-endian length | ChaCha20-Poly1305(version 1 | body) | tag (16)
+//! quorum, sealed: u32 big-endian length | version 2 | nonce (24) | XChaCha20-Poly1305(body) | tag (16)
 //! ```
 //!
 //! The length counts everything after itself and is bounded by
-//! [`PEER_FRAME_BYTES_MAX`] before anything is allocated. Two kinds of tag:
+//! [`PEER_FRAME_BYTES_MAX`] before anything is allocated. Without a cluster
+//! secret (loopback only) frames are plain. With one:
 //!
-//! - quorum frames ([`encode_frame`], [`decode_frame`]): with a cluster secret,
-//!   HMAC-SHA256 under the secret over the version byte and body;
-//! - peer-channel frames ([`encode_body`], [`SessionKey`]): HMAC-SHA256 under the
-//!   connection's session key (see `handshake`) over the frame's sequence
-//!   number on the connection, the version byte and the body.
+//! - peer-channel frames ([`encode_body`], then [`SessionKey::seal`] on the
+//!   connection) are sealed under the connection's session key (see
+//!   `handshake`), the frame's sequence number on the connection as the nonce;
+//! - quorum frames ([`encode_frame`], [`decode_frame`]) are sealed under a key
+//!   derived from the keyring's first secret with a random nonce, and opened
+//!   with any of its secrets.
 //!
-//! A frame whose tag does not verify is refused whole. Decoding never panics
-//! on any input.
+//! A frame that does not open is refused whole, before anything in it is
+//! parsed. Decoding never panics on any input and refuses nesting past
+//! [`FRAME_NESTING_MAX`].
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce, XChaCha20Poly1305, XNonce};

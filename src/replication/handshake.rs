@@ -373,8 +373,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Runs the dialer's side within `timeout`, expecting node `expected` (when
-/// known). On a wrong proof it still sends its own before failing, so the
-/// acceptor counts the wrong secret too.
+/// known). On a wrong proof it still answers, with random bytes, before
+/// failing, so the acceptor counts the wrong secret too.
 pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     secret: Option<&ClusterSecret>,
@@ -405,7 +405,11 @@ pub async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
             }
             None => ([0u8; PROOF_BYTES], true),
         };
-        stream.write_all(&our_proof).await?;
+        // Facing a node that did not prove the secret, send random bytes in
+        // place of the proof: the acceptor still counts a wrong secret, and a
+        // stranger gets no proof made over nonces it chose to replay elsewhere.
+        let sent = if verified { our_proof } else { rand::random() };
+        stream.write_all(&sent).await?;
         stream.flush().await?;
         if !verified {
             return Err(HandshakeError::WrongSecret);
@@ -511,6 +515,27 @@ mod tests {
             (d.unwrap_err().kind(), a.unwrap_err().kind()),
             (RefusalKind::WrongSecret, RefusalKind::WrongSecret)
         );
+    }
+
+    #[tokio::test]
+    async fn a_dialer_gives_no_proof_to_an_acceptor_that_gave_none() {
+        let (mut d, mut a) = tokio::io::duplex(1024);
+        let dialer = async { dial(&mut d, Some(&secret(A)), NodeId(1), None, T).await };
+        let impostor = async {
+            let mut hello = [0u8; HELLO_BYTES];
+            a.read_exact(&mut hello).await.unwrap();
+            let theirs = Hello::decode(&hello).unwrap();
+            let ours = Hello::new(NodeId(2), true);
+            a.write_all(&ours.encode()).await.unwrap();
+            a.write_all(&[0u8; PROOF_BYTES]).await.unwrap();
+            let mut answer = [0u8; PROOF_BYTES];
+            a.read_exact(&mut answer).await.unwrap();
+            (theirs, ours, answer)
+        };
+        let (dialed, (theirs, ours, answer)) = tokio::join!(dialer, impostor);
+        assert_eq!(dialed.unwrap_err().kind(), RefusalKind::WrongSecret);
+        let real = proof(A, Role::Dialer, &theirs.nonce, &ours.nonce, NodeId(1));
+        assert_ne!(answer, real, "the impostor got no usable proof");
     }
 
     #[test]
