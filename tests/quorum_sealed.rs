@@ -1,7 +1,9 @@
-//! The quorum's RPCs under a cluster secret: three voters whose frames are
-//! sealed (XChaCha20-Poly1305) elect a leader, commit a proposal and decide a
-//! forwarded one, two of them in the first step of a secret rotation (keyring
-//! `old,new`: they seal with the old secret and open both).
+//! The quorum's RPCs under a cluster secret: three voters whose connections
+//! open with the challenge-response handshake and whose frames are sealed
+//! under each connection's session key elect a leader, commit a proposal and
+//! decide a forwarded one, two of them in the first step of a secret rotation
+//! (keyring `old,new`: they prove with the old secret and accept both). A
+//! stranger, or a recording of a real connection replayed, gets nothing.
 
 use calmkv::invariants::Invariants;
 use calmkv::quorum::{QuorumConfig, QuorumGroup, Timings};
@@ -85,4 +87,64 @@ async fn sealed_voters_elect_a_leader_and_commit() {
     for group in groups {
         group.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_or_a_replayed_recording_gets_nothing_from_a_sealed_voter() {
+    use calmkv::quorum::network::Request;
+    use calmkv::replication::frame::encode_frame;
+    use calmkv::replication::handshake::{Hello, HANDSHAKE_READ_BYTES};
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let secret = ClusterSecret::keyring([b"the only cluster secret".to_vec()]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = QuorumConfig {
+        voters: vec![addr.clone()],
+        listen: Some(addr.clone()),
+        id: None,
+        secret: Some(secret.clone()),
+        timings: Timings::default(),
+    };
+    let group = QuorumGroup::start_on(config, Some(listener), node(), Arc::new(MemoryStore::new()))
+        .await
+        .unwrap();
+    let refused = || group.metrics().handshakes_refused.load(Ordering::Relaxed);
+    let served = || group.metrics().requests_served.load(Ordering::Relaxed);
+    let served_before = served();
+    // A plain frame, a frame sealed the way a secret holder could seal one
+    // without a session (what a recording of an older connection holds), and
+    // a hello with a forged proof: each connection is closed unanswered.
+    let vote = Request::Vote(openraft::raft::VoteRequest {
+        vote: openraft::Vote::new(1, 9),
+        last_log_id: None,
+    });
+    // (Padded past a hello's length, so each is judged at once.)
+    let padded = |mut bytes: Vec<u8>| {
+        bytes.resize(bytes.len().max(HANDSHAKE_READ_BYTES), 0);
+        bytes
+    };
+    let forged_hello = [&Hello::new(calmkv_crdts::NodeId(9), true).encode()[..], &[0u8; 32]];
+    let attempts = [
+        padded(encode_frame(&vote, None).unwrap()),
+        padded(encode_frame(&vote, Some(&secret)).unwrap()),
+        forged_hello.concat(),
+    ];
+    for (i, bytes) in attempts.iter().enumerate() {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = stream.write_all(bytes).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+        let _ = read.await.expect("the voter closes the connection");
+        // At most the voter's own hello and proof: never a response frame.
+        assert!(answer.len() <= HANDSHAKE_READ_BYTES, "attempt {i} got {} bytes", answer.len());
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while refused() < attempts.len() as u64 {
+        assert!(Instant::now() < deadline, "only {} handshakes refused", refused());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served(), served_before, "a request was served without a handshake");
+    group.shutdown().await;
 }

@@ -2,13 +2,23 @@
 //! install-snapshot, and the forwarding of proposals to the leader.
 //!
 //! One request and one response per exchange, each a length-prefixed frame of
-//! the peer channel's format (version byte, MessagePack, an HMAC tag when a
-//! cluster secret is set). A client keeps one connection per target and
-//! reconnects after an error. A frame that fails to decode or authenticate
-//! closes its connection and is counted; the listener keeps serving.
+//! the peer channel's format (version byte, MessagePack). With a cluster
+//! secret, a connection opens with the peer channel's challenge-response
+//! handshake (`replication::handshake`): the listener reads at most its fixed
+//! 78 bytes from a stranger, and every frame after it is sealed under the
+//! connection's session key with its sequence number as the nonce, so a
+//! recorded frame can be replayed neither on another connection nor on the
+//! same one. Without a secret (loopback only) frames are plain. A client keeps
+//! one connection per target and reconnects after an error. A frame that
+//! fails to decode or authenticate closes its connection and is counted; the
+//! listener keeps serving.
 
 use super::types::{Command, Outcome, TypeConfig};
-use crate::replication::frame::{decode_frame, encode_frame, ClusterSecret};
+use crate::replication::frame::{
+    decode_body, decode_frame, encode_body, encode_frame, ClusterSecret, SessionKey,
+};
+use crate::replication::handshake;
+use calmkv_crdts::NodeId;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -116,6 +126,9 @@ pub struct NetworkMetrics {
     pub connections_timed_out: AtomicU64,
     /// Failed `accept` calls (each followed by a pause).
     pub accept_errors: AtomicU64,
+    /// Connections closed because their handshake failed (a wrong or missing
+    /// secret, a malformed hello, silence).
+    pub handshakes_refused: AtomicU64,
 }
 
 /// Why an exchange with a quorum member failed, and whether the request may
@@ -131,17 +144,119 @@ pub struct CallError {
     pub source: std::io::Error,
 }
 
+/// An open quorum connection: the stream, and with a secret the session key
+/// and the sequence numbers of the frames sent and received on it.
+struct Connection {
+    stream: TcpStream,
+    session: Option<SessionKey>,
+    sent: u64,
+    received: u64,
+}
+
+impl Connection {
+    /// Opens a connection as a listener (`dialer == false`) or a client: with a
+    /// secret, runs the handshake within `timeout` under a fresh node id (the
+    /// quorum trusts the secret, not an identity).
+    async fn establish(
+        mut stream: TcpStream,
+        secret: Option<&ClusterSecret>,
+        dialer: bool,
+        timeout: Duration,
+    ) -> std::io::Result<Connection> {
+        let session = match secret {
+            None => None,
+            Some(secret) => {
+                let own = NodeId(rand::random());
+                let established = if dialer {
+                    handshake::dial(&mut stream, Some(secret), own, None, timeout).await
+                } else {
+                    handshake::accept(&mut stream, Some(secret), own, timeout).await
+                };
+                let established = established.map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string())
+                })?;
+                established.session
+            }
+        };
+        Ok(Connection { stream, session, sent: 0, received: 0 })
+    }
+
+    /// Encodes (and with a session, seals) the next frame to send.
+    fn frame<M: Serialize>(&mut self, message: &M) -> std::io::Result<Vec<u8>> {
+        Ok(match &self.session {
+            None => encode_frame(message, None).map_err(std::io::Error::other)?,
+            Some(session) => {
+                let mut body = encode_body(message).map_err(std::io::Error::other)?;
+                session.seal(self.sent, &mut body);
+                self.sent += 1;
+                let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+                frame.extend_from_slice(&body);
+                frame
+            }
+        })
+    }
+
+    async fn write<M: Serialize>(&mut self, message: &M) -> std::io::Result<()> {
+        let frame = self.frame(message)?;
+        self.stream.write_all(&frame).await
+    }
+
+    /// Reads the body of a frame of `len` bytes (its prefix already checked),
+    /// growing the buffer only as bytes arrive, and opens it.
+    async fn read_body<M: serde::de::DeserializeOwned>(
+        &mut self,
+        len: usize,
+    ) -> std::io::Result<M> {
+        let mut body = Vec::with_capacity(len.min(64 * 1024));
+        (&mut self.stream).take(len as u64).read_to_end(&mut body).await?;
+        if body.len() < len {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let invalid = |e: crate::replication::frame::FrameError| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+        };
+        match &self.session {
+            None => decode_frame(&body, None).map_err(invalid),
+            Some(session) => {
+                if !session.open(self.received, &mut body) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "a quorum frame does not open under the session key",
+                    ));
+                }
+                self.received += 1;
+                decode_body(&body).map_err(invalid)
+            }
+        }
+    }
+
+    /// Reads one frame: the prefix is checked against `max` before anything
+    /// else is read.
+    async fn read<M: serde::de::DeserializeOwned>(&mut self, max: usize) -> std::io::Result<M> {
+        let mut prefix = [0u8; 4];
+        self.stream.read_exact(&mut prefix).await?;
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("frame of {len} bytes is larger than the limit of {max}"),
+            ));
+        }
+        self.read_body(len).await
+    }
+}
+
 /// One connection to one quorum member.
 pub struct Client {
     addr: String,
     secret: Option<ClusterSecret>,
-    stream: Option<TcpStream>,
+    connection: Option<Connection>,
 }
 
 impl Client {
     /// A client of the member at `addr`; connects on first use.
     pub fn new(addr: String, secret: Option<ClusterSecret>) -> Client {
-        Client { addr, secret, stream: None }
+        Client { addr, secret, connection: None }
     }
 
     /// Sends `request` and waits for its response, within `timeout`. The
@@ -157,22 +272,26 @@ impl Client {
             Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "quorum RPC timed out"))
         });
         result.map_err(|source| {
-            self.stream = None;
+            self.connection = None;
             CallError { sent, source }
         })
     }
 
     async fn exchange(&mut self, request: &Request, sent: &mut bool) -> std::io::Result<Response> {
-        let frame = encode_frame(request, self.secret.as_ref()).map_err(std::io::Error::other)?;
-        if self.stream.is_none() {
+        if self.connection.is_none() {
             let stream = TcpStream::connect(&self.addr).await?;
             stream.set_nodelay(true)?;
-            self.stream = Some(stream);
+            let secret = self.secret.as_ref();
+            let timeout = handshake::HANDSHAKE_TIMEOUT;
+            self.connection = Some(Connection::establish(stream, secret, true, timeout).await?);
         }
-        let stream = self.stream.as_mut().expect("connected above");
+        let connection = self.connection.as_mut().expect("connected above");
+        // Encoded before anything is sent: a request that cannot be encoded
+        // never leaves.
+        let frame = connection.frame(request)?;
         *sent = true;
-        stream.write_all(&frame).await?;
-        read_frame(stream, self.secret.as_ref(), QUORUM_FRAME_BYTES_MAX).await
+        connection.stream.write_all(&frame).await?;
+        connection.read(QUORUM_FRAME_BYTES_MAX).await
     }
 }
 
@@ -223,39 +342,6 @@ impl Default for ListenerLimits {
             frame_timeout: Duration::from_secs(10),
         }
     }
-}
-
-/// Reads one frame: the prefix is checked against `max` before anything else
-/// is read, and the body buffer grows only as bytes arrive, so an announced
-/// length pins no memory the sender has not sent.
-async fn read_frame<M: serde::de::DeserializeOwned>(
-    stream: &mut TcpStream,
-    secret: Option<&ClusterSecret>,
-    max: usize,
-) -> std::io::Result<M> {
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await?;
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is larger than the limit of {max}"),
-        ));
-    }
-    read_body(stream, len, secret).await
-}
-
-async fn read_body<M: serde::de::DeserializeOwned>(
-    stream: &mut TcpStream,
-    len: usize,
-    secret: Option<&ClusterSecret>,
-) -> std::io::Result<M> {
-    let mut body = Vec::with_capacity(len.min(64 * 1024));
-    (&mut *stream).take(len as u64).read_to_end(&mut body).await?;
-    if body.len() < len {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    decode_frame(&body, secret).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// What serves incoming requests.
@@ -335,7 +421,14 @@ pub async fn serve<H: Handler>(
             // read cannot hold the accept loop.
             // The request is drained unread (closing on unread bytes would
             // reset the connection before the answer is read).
-            if let Ok(frame) = encode_frame(&busy, secret.as_ref()) {
+            // With a secret, a stranger gets nothing before a handshake: the
+            // connection is closed unanswered, which the client reads as
+            // "not applied" (nothing of its request was sent).
+            if secret.is_some() {
+                refusing.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Ok(frame) = encode_frame(&busy, None) {
                 tokio::spawn(async move {
                     let answer = async {
                         stream.write_all(&frame).await?;
@@ -355,22 +448,30 @@ pub async fn serve<H: Handler>(
         let (handler, secret, metrics) = (handler.clone(), secret.clone(), metrics.clone());
         connections.spawn(async move {
             let _ = stream.set_nodelay(true);
-            serve_connection(&mut stream, &*handler, secret.as_ref(), &metrics, limits).await;
+            let timeout = limits.handshake_timeout;
+            match Connection::establish(stream, secret.as_ref(), false, timeout).await {
+                Ok(mut connection) => {
+                    serve_connection(&mut connection, &*handler, &metrics, limits).await;
+                }
+                Err(error) => {
+                    metrics.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%error, "quorum handshake refused; closing");
+                }
+            }
         });
     }
 }
 
 async fn serve_connection<H: Handler>(
-    stream: &mut TcpStream,
+    connection: &mut Connection,
     handler: &H,
-    secret: Option<&ClusterSecret>,
     metrics: &NetworkMetrics,
     limits: ListenerLimits,
 ) {
     let mut wait = limits.handshake_timeout;
     loop {
         let mut prefix = [0u8; 4];
-        match tokio::time::timeout(wait, stream.read_exact(&mut prefix)).await {
+        match tokio::time::timeout(wait, connection.stream.read_exact(&mut prefix)).await {
             Ok(Ok(_)) => {}
             Ok(Err(_)) => return, // closed
             Err(_) => {
@@ -384,27 +485,22 @@ async fn serve_connection<H: Handler>(
             tracing::debug!(len, "oversized quorum frame refused unread; closing");
             return;
         }
-        let request: Request = match tokio::time::timeout(
-            limits.frame_timeout,
-            read_body(stream, len, secret),
-        )
-        .await
-        {
-            Ok(Ok(request)) => request,
-            Ok(Err(error)) => {
-                metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%error, "quorum frame refused; closing");
-                return;
-            }
-            Err(_) => {
-                metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
+        let request: Request =
+            match tokio::time::timeout(limits.frame_timeout, connection.read_body(len)).await {
+                Ok(Ok(request)) => request,
+                Ok(Err(error)) => {
+                    metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%error, "quorum frame refused; closing");
+                    return;
+                }
+                Err(_) => {
+                    metrics.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            };
         metrics.requests_served.fetch_add(1, Ordering::Relaxed);
         let response = handler.handle(request).await;
-        let Ok(frame) = encode_frame(&response, secret) else { return };
-        match tokio::time::timeout(limits.frame_timeout, stream.write_all(&frame)).await {
+        match tokio::time::timeout(limits.frame_timeout, connection.write(&response)).await {
             Ok(Ok(())) => {}
             _ => return,
         }

@@ -1,21 +1,23 @@
 //! Frames of the peer channel and the quorum: how a message travels over TCP.
 //!
 //! ```text
-//! plain:        u32 big-endian length | version 1 | MessagePack body (named fields)
-//! peer, sealed: u32 big-endian length | ChaCha20-Poly1305(version 1 | body) | tag (16)
-//! quorum, sealed: u32 big-endian length | version 2 | nonce (24) | XChaCha20-Poly1305(body) | tag (16)
+//! plain:            u32 big-endian length | version 1 | MessagePack body (named fields)
+//! session, sealed:  u32 big-endian length | ChaCha20-Poly1305(version 1 | body) | tag (16)
+//! keyring, sealed:  u32 big-endian length | version 2 | nonce (24) | XChaCha20-Poly1305(body) | tag (16)
 //! ```
 //!
 //! The length counts everything after itself and is bounded by
 //! [`PEER_FRAME_BYTES_MAX`] before anything is allocated. Without a cluster
 //! secret (loopback only) frames are plain. With one:
 //!
-//! - peer-channel frames ([`encode_body`], then [`SessionKey::seal`] on the
-//!   connection) are sealed under the connection's session key (see
-//!   `handshake`), the frame's sequence number on the connection as the nonce;
-//! - quorum frames ([`encode_frame`], [`decode_frame`]) are sealed under a key
-//!   derived from the keyring's first secret with a random nonce, and opened
-//!   with any of its secrets.
+//! - peer-channel and quorum frames ([`encode_body`], then
+//!   [`SessionKey::seal`] on the connection) are sealed under the connection's
+//!   session key (see `handshake`), the frame's sequence number on the
+//!   connection as the nonce;
+//! - [`encode_frame`] and [`decode_frame`] with a keyring seal a frame outside
+//!   any session, under a key derived from the keyring's first secret with a
+//!   random nonce (no connection uses it today; it sizes quorum batches and
+//!   is kept fuzzed).
 //!
 //! A frame that does not open is refused whole, before anything in it is
 //! parsed. Decoding never panics on any input and refuses nesting past
