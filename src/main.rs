@@ -18,8 +18,10 @@ mod demo;
 /// Logs without `RUST_LOG`: calmkv at info. openraft reports every transient
 /// unreachable voter (a node starting, a partition) at error level, so it is
 /// silenced by default; `RUST_LOG=info,openraft=info` shows it. The quorum's
-/// real failures reach clients as `coordination_unavailable`.
-const DEFAULT_LOG_FILTER: &str = "info,openraft=off";
+/// real failures reach clients as `coordination_unavailable`. The storage
+/// engines log their routine work (recovery, compaction) at info; calmkv
+/// reports what matters about the store itself, so they speak only to warn.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=off,fjall=warn,lsm_tree=warn,redb=warn,sled=warn";
 
 /// calmkv: a key-value store that stays available when the network breaks.
 #[derive(Parser)]
