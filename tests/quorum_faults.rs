@@ -842,3 +842,39 @@ async fn over_http_a_repeated_idempotency_key_is_answered_once_and_a_reused_one_
     assert_eq!(read["value"], 7, "debited once: {read}");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_cut_after_sending_is_retried_on_another_voter_and_applies_once() {
+    // Every coordinated entry carries an idempotency key (a fresh one when the
+    // client sent none), so a non-voter whose forward may have reached a voter
+    // can still ask the next one: the quorum answers a repeat with the first
+    // outcome instead of applying it twice.
+    let root = tempfile::tempdir().unwrap();
+    let (proxies, members) = three_behind_proxies(root.path()).await;
+    let leader = (leader_of(&members).await - 1) as usize;
+    let voters: Vec<String> = proxies.iter().map(|p| p.addr.clone()).collect();
+    let outsider = start(&voters, None, &root.path().join("outsider")).await;
+    fund(&members, "account/f", 10);
+    let funded = members[0].node.envelope(&key("account/f")).unwrap();
+    outsider.node.merge(&key("account/f"), &funded).unwrap();
+    // The outsider tries voters in turn from the first; the one it tries next
+    // must be a follower (cutting the leader off would stop every path).
+    let mut expected = 10;
+    if leader == 0 {
+        decr(&outsider, "account/f", 1, DEADLINE).await.unwrap();
+        expected -= 1;
+    }
+    let cut = if leader == 0 { 1 } else { 0 };
+    // That voter's proxy takes the connection and drops it: the request may
+    // have been sent, so that attempt alone is "unknown".
+    proxies[cut].set(Mode::Block);
+    let applied = decr(&outsider, "account/f", 3, DEADLINE).await.expect("another voter answers");
+    expected -= 3;
+    assert!(applied.coordinated);
+    assert_eq!(applied.state.value.counter().value(), expected);
+    proxies[cut].set(Mode::Pass);
+    admitted_everywhere(&members, "account/f", expected).await;
+    for member in members.iter().chain([&outsider]) {
+        member.group.shutdown().await;
+    }
+}
