@@ -25,8 +25,9 @@
 //! - [`Node`] (`node.rs`): applies [`Op`]s (`op.rs`) to keys, reads and scans.
 //!   Both faces call it and nothing else.
 //! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
-//! - `store/`: the [`Store`](store::Store) trait, the sled and in-memory engines,
-//!   durability modes and group commit, and the node id.
+//! - `store/`: the [`Store`](store::Store) trait, the disk engines (fjall,
+//!   redb, sled for old directories) and the in-memory engine, durability modes
+//!   and group commit, the free-space reserve, and the node id.
 //! - `replication/`: the digest of the key space (anti-entropy) and, to come,
 //!   delta push and harvest reads.
 //! - `http/`: the HTTP API (axum), its limits, errors and metrics.
