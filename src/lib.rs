@@ -27,8 +27,9 @@
 //! - [`Node`] (`node.rs`): applies [`Op`]s (`op.rs`) to keys, reads and scans.
 //!   Both faces call it and nothing else.
 //! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
-//! - `store/`: the [`Store`](store::Store) trait, the disk engines and the
-//!   in-memory one, durability modes and group commit, the node id.
+//! - `store/`: the [`Store`](store::Store) trait, the disk engines (fjall,
+//!   redb, sled for old directories) and the in-memory engine, durability modes
+//!   and group commit, the free-space reserve, and the node id.
 //! - `invariants/`: declarations, the I-confluence analysis, routing.
 //! - `replication/`: the peer channel (handshake, frames, outbox), delta push,
 //!   admission of remote states, anti-entropy over the digest, harvest reads.
