@@ -13,8 +13,9 @@
 //! `Durability::None`: visible to readers at once, durable only once a later
 //! durable commit lands. [`CommitPolicy`]'s flush is that durable commit: an
 //! empty write transaction committed with `Durability::Immediate`, which makes
-//! every earlier commit durable (redb fsyncs the file before and after it flips
-//! the commit slot). Concurrent `Sync` writers share it (group commit). A
+//! every earlier commit durable (redb's default one-phase commit: it writes the
+//! new commit slot, flips to it, then fsyncs the file; a crash mid-way falls
+//! back to the last slot with a valid checksum). Concurrent `Sync` writers share it (group commit). A
 //! non-durable commit lives in this process until then, so a process crash
 //! (`kill -9`) loses what `Interval` and `None` acknowledged since the last
 //! flush, within their bounds; `Sync` loses nothing.
