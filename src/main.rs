@@ -221,6 +221,11 @@ struct ServeArgs {
     /// changes). Without it: the directory's own engine, or fjall for a new one.
     #[arg(long, env = "CALMKV_ENGINE", value_enum)]
     engine: Option<EngineArg>,
+    /// Free space, in bytes, kept on the data directory's disk: a write that
+    /// would eat into it is refused with `507 insufficient_storage` (reads go
+    /// on), so the engines never meet a full disk themselves.
+    #[arg(long, env = "CALMKV_FREE_BYTES_MIN", default_value_t = calmkv::store::FREE_BYTES_MIN_DEFAULT)]
+    free_bytes_min: u64,
     /// When a write is acknowledged.
     #[arg(long, env = "CALMKV_DURABILITY", value_enum, default_value = "sync")]
     durability: DurabilityArg,
@@ -348,6 +353,7 @@ impl ServeArgs {
         };
         Ok(Config {
             engine: self.engine.map(Engine::from),
+            free_bytes_min: self.free_bytes_min,
             durability,
             limits,
             invariants: Arc::new(invariants),

@@ -401,3 +401,17 @@ fn serve_refuses_a_malformed_invariants_file_before_listening() {
     assert!(finished.stderr.contains("unknown type \"histogram\""), "{}", finished.stderr);
     assert_eq!(finished.stdout, "", "it never said it listens");
 }
+
+#[test]
+fn serve_keeps_the_free_space_it_is_told_to_and_answers_writes_past_it_with_507() {
+    let reserve = u64::MAX.to_string();
+    let server = ServerProcess::start(&["--free-bytes-min", &reserve]);
+    let url = server.url();
+    let put = process::run(&["put", "k", "v", "--url", &url]);
+    put.assert_failure();
+    assert!(put.stderr.contains("insufficient_storage"), "{put:#?}");
+    let (status, _) = process::http_get(server.addr(), "/v1/kv/k").unwrap();
+    assert_eq!(status, 404, "a refused write stored nothing");
+    let (status, _) = process::http_get(server.addr(), "/healthz").unwrap();
+    assert_eq!(status, 200, "the node keeps serving");
+}
