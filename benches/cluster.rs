@@ -33,7 +33,7 @@ use calmkv::replication::anti_entropy::{self, STATES_PER_MESSAGE_MAX};
 use calmkv::replication::digest::BUCKETS;
 use calmkv::replication::frame::{decode_frame, encode_frame};
 use calmkv::replication::message::PeerMessage;
-use calmkv::server::{GossipOptions, QuorumOptions, Server, ServerConfig};
+use calmkv::server::{BoundListener, GossipOptions, QuorumOptions, Server, ServerConfig};
 use calmkv::store::MemoryStore;
 use calmkv::{Action, Config, CounterOp, CrdtOp, Key, Limits, Node, Op};
 use calmkv_crdts::NodeId;
@@ -524,10 +524,11 @@ async fn coordination(args: &Args) {
         Invariants::parse("[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin = 0\n")
             .unwrap(),
     );
+    // The voters' ports stay bound until each voter serves on its own.
     let probes: Vec<std::net::TcpListener> =
         (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let voters: Vec<String> = probes.iter().map(|p| p.local_addr().unwrap().to_string()).collect();
-    drop(probes);
+    let mut probes = probes.into_iter().map(BoundListener::new);
     let dir = tempfile::tempdir().unwrap();
     let mut servers: Vec<Server> = Vec::new();
     for (i, voter) in voters.iter().enumerate() {
@@ -544,6 +545,7 @@ async fn coordination(args: &Args) {
             listen: Some(voter.clone()),
             id: None,
             timings: Timings::default(),
+            listener: probes.next(),
         });
         servers.push(Server::start(config).await.unwrap());
     }

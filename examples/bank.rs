@@ -9,7 +9,7 @@
 //! ```
 
 use calmkv::invariants::Invariants;
-use calmkv::server::{GossipOptions, QuorumOptions, Server, ServerConfig};
+use calmkv::server::{BoundListener, GossipOptions, QuorumOptions, Server, ServerConfig};
 use calmkv::{Action, Config, CounterOp, CrdtOp, Key, NodeError, Op};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,12 +45,13 @@ async fn run(server: &Server, what: &str, op: Op) {
 async fn main() -> anyhow::Result<()> {
     let invariants = Arc::new(Invariants::parse(RULES)?);
     let dir = tempfile::tempdir()?;
-    // Quorum addresses must be known to every node up front.
+    // Quorum addresses must be known to every node up front; their ports
+    // stay bound until each voter serves on its own.
     let probes: Vec<std::net::TcpListener> =
         (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
     let voters: Vec<String> =
         probes.iter().map(|p| p.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
-    drop(probes);
+    let mut probes = probes.into_iter().map(BoundListener::new);
     let mut nodes: Vec<Server> = Vec::new();
     for (i, voter) in voters.iter().enumerate() {
         let node = Config {
@@ -64,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         config.quorum = Some(QuorumOptions {
             voters: voters.clone(),
             listen: Some(voter.clone()),
+            listener: probes.next(),
             ..Default::default()
         });
         nodes.push(Server::start(config).await?);

@@ -9,7 +9,7 @@
 use anyhow::{bail, Context as _};
 use calmkv::invariants::Invariants;
 use calmkv::replication::frame::ClusterSecret;
-use calmkv::server::{GossipOptions, QuorumOptions, Server, ServerConfig};
+use calmkv::server::{BoundListener, GossipOptions, QuorumOptions, Server, ServerConfig};
 use calmkv::Config;
 use calmkv_gossip::MemberState;
 use clap::Args;
@@ -50,15 +50,19 @@ pub struct DemoArgs {
 }
 
 /// The voters' quorum addresses: fixed ports from the base, or, with base 0,
-/// ports the system hands out now (a port is free when chosen; another
-/// process could take it before the voter binds it).
-fn quorum_addrs(base: u16, count: usize) -> anyhow::Result<Vec<String>> {
+/// ports the system hands out now, with their listeners kept bound until the
+/// voters serve on them (every node must know every voter's address before
+/// the first starts).
+fn quorum_addrs(base: u16, count: usize) -> anyhow::Result<Vec<(String, Option<BoundListener>)>> {
     if base != 0 {
-        return (0..count).map(|i| addr(base, 300, i)).collect();
+        return (0..count).map(|i| Ok((addr(base, 300, i)?, None))).collect();
     }
-    let probes: Vec<std::net::TcpListener> =
-        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    probes.iter().map(|p| Ok(p.local_addr()?.to_string())).collect()
+    (0..count)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            Ok((listener.local_addr()?.to_string(), Some(BoundListener::new(listener))))
+        })
+        .collect()
 }
 
 fn addr(base: u16, offset: u16, i: usize) -> anyhow::Result<String> {
@@ -96,7 +100,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         None => Arc::new(Invariants::none()),
     };
     let voter_count = args.voters.clamp(1, args.nodes);
-    let voters = quorum_addrs(args.base_port, voter_count)?;
+    let bound = quorum_addrs(args.base_port, voter_count)?;
+    let voters: Vec<String> = bound.iter().map(|(addr, _)| addr.clone()).collect();
     let stop = crate::shutdown_signal();
     let mut servers: Vec<Server> = Vec::new();
     for i in 0..args.nodes {
@@ -108,6 +113,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         config.quorum = Some(QuorumOptions {
             voters: voters.clone(),
             listen: voters.get(i).cloned(),
+            listener: bound.get(i).and_then(|(_, listener)| listener.clone()),
             ..QuorumOptions::default()
         });
         config.peer_addr = Some(addr(args.base_port, 100, i)?);

@@ -72,6 +72,34 @@ pub struct QuorumOptions {
     pub id: Option<u64>,
     /// Raft timings.
     pub timings: Timings,
+    /// A listener already bound to `listen`, used instead of binding it: a
+    /// caller that picks free ports keeps them bound until the voter serves,
+    /// so no other process can take one in between.
+    pub listener: Option<BoundListener>,
+}
+
+/// A bound TCP listener handed to the server once (see
+/// [`QuorumOptions::listener`]); clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct BoundListener(Arc<std::sync::Mutex<Option<std::net::TcpListener>>>);
+
+impl BoundListener {
+    /// Wraps a bound listener.
+    pub fn new(listener: std::net::TcpListener) -> BoundListener {
+        BoundListener(Arc::new(std::sync::Mutex::new(Some(listener))))
+    }
+
+    /// Takes the listener out, as a tokio listener; `None` once taken.
+    fn take(&self) -> std::io::Result<Option<tokio::net::TcpListener>> {
+        let taken = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        match taken {
+            None => Ok(None),
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener).map(Some)
+            }
+        }
+    }
 }
 
 /// How a server gossips.
@@ -377,7 +405,17 @@ async fn start_quorum(
         secret: config.cluster_secret.clone(),
         timings: options.timings,
     };
-    Ok(QuorumGroup::start(quorum, node, store).await?)
+    let bound = match &options.listener {
+        Some(listener) => listener.take().map_err(|source| ServerError::Bind {
+            addr: options.listen.clone().unwrap_or_default(),
+            source,
+        })?,
+        None => None,
+    };
+    match bound {
+        Some(listener) => Ok(QuorumGroup::start_on(quorum, Some(listener), node, store).await?),
+        None => Ok(QuorumGroup::start(quorum, node, store).await?),
+    }
 }
 
 async fn start_gossip(

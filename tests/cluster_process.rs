@@ -159,9 +159,12 @@ fn three_serve_processes_replicate_and_a_killed_node_converges_after_restart() {
 fn demo_starts_a_cluster_that_members_lists_and_sigterm_stops() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
+    // Its log goes to a file, shown if the demo does not start.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let stderr = || std::fs::read_to_string(log.path()).unwrap_or_default();
     let mut demo = process::command(&["demo", "--nodes", "3", "--base-port", "0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .expect("calmkv demo starts");
     struct KillOnDrop(std::process::Child);
@@ -176,7 +179,10 @@ fn demo_starts_a_cluster_that_members_lists_and_sigterm_stops() {
     let mut lines = BufReader::new(stdout).lines();
     let mut urls = Vec::new();
     for i in 1..=3 {
-        let line = lines.next().expect("a line per node").unwrap();
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("no line for node {i}; the demo said:\n{}", stderr()))
+            .unwrap();
         let prefix = format!("node {i} http=");
         let rest = line.strip_prefix(&prefix).unwrap_or_else(|| panic!("unexpected line {line:?}"));
         let (url, gossip) = rest.split_once(" gossip=").expect("a gossip address");

@@ -801,10 +801,9 @@ async fn a_voter_cut_off_for_many_election_timeouts_does_not_depose_the_leader_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http_a_repeated_idempotency_key_is_answered_once_and_a_reused_one_is_422() {
-    use calmkv::server::{QuorumOptions, Server, ServerConfig};
-    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let quorum_addr = probe.local_addr().unwrap().to_string();
-    drop(probe);
+    use calmkv::server::{BoundListener, QuorumOptions, Server, ServerConfig};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let quorum_addr = listener.local_addr().unwrap().to_string();
     let invariants = Arc::new(Invariants::parse(BANK).unwrap());
     let mut config = ServerConfig::new(Config { invariants, ..Config::in_memory() }, "127.0.0.1:0");
     config.peer_addr = Some("127.0.0.1:0".into());
@@ -813,6 +812,7 @@ async fn over_http_a_repeated_idempotency_key_is_answered_once_and_a_reused_one_
         listen: Some(quorum_addr),
         id: None,
         timings: timings(),
+        listener: Some(BoundListener::new(listener)),
     });
     let server = Server::start(config).await.unwrap();
     let deadline = Instant::now() + DEADLINE;

@@ -153,16 +153,18 @@ const BANK: &str = "[[invariant]]\nkeys = \"account/*\"\ntype = \"counter\"\nmin
 async fn a_bank_on_three_servers_coordinates_only_decrements() {
     use calmkv::invariants::Invariants;
     use calmkv::quorum::Timings;
-    use calmkv::server::{GossipOptions, QuorumOptions};
+    use calmkv::server::{BoundListener, GossipOptions, QuorumOptions};
     use std::sync::Arc;
-    let mut probes = Vec::new();
-    for _ in 0..3 {
-        probes.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let voters: Vec<String> = probes.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    drop(probes);
+    // The voters' ports stay bound until each voter serves on its own.
+    let bound: Vec<(String, BoundListener)> = (0..3)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            (listener.local_addr().unwrap().to_string(), BoundListener::new(listener))
+        })
+        .collect();
+    let voters: Vec<String> = bound.iter().map(|(addr, _)| addr.clone()).collect();
     let invariants = Arc::new(Invariants::parse(BANK).unwrap());
-    let start = |listen: Option<String>,
+    let start = |listen: Option<(String, BoundListener)>,
                  invariants: Arc<Invariants>,
                  seed: Option<std::net::SocketAddr>| {
         let voters = voters.clone();
@@ -175,14 +177,15 @@ async fn a_bank_on_three_servers_coordinates_only_decrements() {
                 heartbeat: Duration::from_millis(50),
                 election_min: Duration::from_millis(200),
             };
-            config.quorum = Some(QuorumOptions { voters, listen, id: None, timings });
+            let (listen, listener) = listen.unzip();
+            config.quorum = Some(QuorumOptions { voters, listen, id: None, timings, listener });
             Server::start(config).await.unwrap()
         }
     };
-    let first = start(Some(voters[0].clone()), invariants.clone(), None).await;
+    let first = start(Some(bound[0].clone()), invariants.clone(), None).await;
     let seed = first.gossip_addr();
     let mut servers = vec![first];
-    for voter in &voters[1..] {
+    for voter in &bound[1..] {
         servers.push(start(Some(voter.clone()), invariants.clone(), seed).await);
     }
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
