@@ -7,12 +7,10 @@
 #![cfg(unix)]
 
 mod process;
+mod tmpfs;
 
 use process::ServerProcess;
-use std::path::Path;
-use std::process::Command;
-
-const MIB: u64 = 1 << 20;
+use tmpfs::{available_bytes, write_ballast, Tmpfs, MIB};
 
 /// Larger than the default reserve (`FREE_BYTES_MIN_DEFAULT`, 128 MiB) and the
 /// ballast's leftover room.
@@ -23,54 +21,6 @@ const ROOM_BYTES: u64 = 6 * MIB;
 
 /// One value.
 const VALUE_BYTES: usize = 64 << 10;
-
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(bytes: u64) -> Result<Tmpfs, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("mount did not run: {e}"))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(format!("mount -t tmpfs failed ({}): {}", output.status, stderr.trim()));
-        }
-        Ok(Tmpfs { dir })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let status = Command::new("umount").arg(self.dir.path()).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("umount {} failed: {status:?}", self.dir.path().display());
-        }
-    }
-}
-
-fn available_bytes(path: &Path) -> u64 {
-    let output = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
-    let text = String::from_utf8(output.stdout).unwrap();
-    text.lines().nth(1).expect("df prints a value").trim().parse().unwrap()
-}
-
-fn write_ballast(path: &Path, bytes: u64) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let chunk = vec![0xAB; MIB as usize];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        file.write_all(&chunk[..n]).unwrap();
-        left -= n as u64;
-    }
-    file.sync_all().unwrap();
-}
 
 fn value(i: usize) -> Vec<u8> {
     use rand::RngCore;
@@ -89,11 +39,11 @@ fn a_full_disk_answers_507_keeps_reads_and_recovers_once_space_is_freed() {
             return;
         }
     };
-    let data_dir = tmpfs.dir.path().join("data");
+    let data_dir = tmpfs.path().join("data");
     let mut server = ServerProcess::start_in(&data_dir, &[]);
-    let ballast = tmpfs.dir.path().join("ballast");
+    let ballast = tmpfs.path().join("ballast");
     let reserve = calmkv::store::FREE_BYTES_MIN_DEFAULT;
-    write_ballast(&ballast, available_bytes(tmpfs.dir.path()) - reserve - ROOM_BYTES);
+    write_ballast(&ballast, available_bytes(tmpfs.path()) - reserve - ROOM_BYTES);
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let client = reqwest::Client::new();

@@ -17,10 +17,10 @@
 use calmkv::store::{self, Batch, Durability, Engine, StoreError};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
+use tmpfs::{available_bytes, write_ballast, Tmpfs, MIB};
 
-const MIB: u64 = 1 << 20;
+mod tmpfs;
 
 /// One value of the overwrite test.
 const VALUE_BYTES: usize = 1 << 20;
@@ -191,65 +191,6 @@ const ROOM_BYTES: u64 = 12 * MIB;
 
 /// One value of the full-disk test.
 const FULL_VALUE_BYTES: usize = 64 << 10;
-
-/// A tmpfs mounted on a temporary directory, unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// Mounts one, or says why it cannot.
-    fn mount(bytes: u64) -> Result<Tmpfs, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let output = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("mount did not run: {e}"))?;
-        if !output.status.success() {
-            return Err(format!(
-                "mount -t tmpfs failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let status = Command::new("umount").arg(self.dir.path()).status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("umount {} failed: {status:?}", self.dir.path().display());
-        }
-    }
-}
-
-/// Bytes free for a writer on the file system of `path`.
-fn available_bytes(path: &Path) -> u64 {
-    let output = Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
-    let text = String::from_utf8(output.stdout).unwrap();
-    text.lines().nth(1).expect("df prints a value").trim().parse().unwrap()
-}
-
-/// Fills `path` with `bytes` bytes of data.
-fn write_ballast(path: &Path, bytes: u64) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let chunk = vec![0xAB; MIB as usize];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        file.write_all(&chunk[..n]).unwrap();
-        left -= n as u64;
-    }
-    file.sync_all().unwrap();
-}
 
 fn a_full_disk_refuses_writes_and_recovers(engine: Engine) {
     let tmpfs = match Tmpfs::mount(TMPFS_BYTES) {
