@@ -105,3 +105,27 @@ async fn a_real_context_still_supersedes_what_it_read() {
     assert_eq!(read.text().await.unwrap(), "three");
     server.stop().await;
 }
+
+#[test]
+fn a_write_that_would_grow_a_keys_context_past_its_limit_is_refused_and_changes_nothing() {
+    use calmkv::{Action, Config, Limits, NodeError, Op};
+    let limits = Limits { context_entries_max: 2, ..Limits::default() };
+    let node = Config { limits: limits.clone(), ..Config::in_memory() }.open_node().unwrap();
+    let key = Key::new("shared".to_string(), &limits).unwrap();
+    let put = |value: &'static str| Op {
+        key: key.clone(),
+        action: Action::Put { value: value.into(), context: None, if_absent: false },
+    };
+    // Two other nodes wrote the key: its context names two writers.
+    for value in ["from b", "from c"] {
+        let other = Config::in_memory().open_node().unwrap();
+        let state = other.apply(&put(value)).unwrap().state;
+        node.merge(&key, &state).unwrap();
+    }
+    let before = node.envelope(&key).unwrap();
+    assert_eq!(before.value.context().entries(), 2);
+    // This node's own write would add a third entry.
+    let refused = node.apply(&put("from a"));
+    assert!(matches!(refused, Err(NodeError::LimitExceeded { .. })), "{refused:?}");
+    assert_eq!(node.envelope(&key).unwrap(), before, "a refused write changed the key");
+}
