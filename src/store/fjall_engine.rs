@@ -29,7 +29,9 @@
 //! keeps only the last change of each key (the trait's "a later change wins").
 
 use super::commit_policy::{CommitPolicy, DeviceFlush};
-use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
+use super::{
+    collect_page, scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats,
+};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -143,23 +145,13 @@ impl Store for FjallStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let mut page = Vec::new();
-        if limit == 0 {
-            return Ok(page);
-        }
         let engine = self.engine();
         let snapshot = engine.db.snapshot();
-        for guard in snapshot.range(&engine.data, scan_start(prefix, start_after)..) {
+        let rows = snapshot.range(&engine.data, scan_start(prefix, start_after)..).map(|guard| {
             let (key, value) = guard.into_inner().map_err(engine_error)?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            page.push((key.to_vec(), value.to_vec()));
-            if page.len() == limit {
-                break;
-            }
-        }
-        Ok(page)
+            Ok((key.to_vec(), value.to_vec()))
+        });
+        collect_page(rows, prefix, limit)
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {

@@ -285,6 +285,31 @@ pub(crate) fn scan_start(prefix: &[u8], start_after: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
+/// A scan page from an engine's ordered rows starting at [`scan_start`]: the
+/// rows while their keys carry `prefix`, at most `limit` of them. Each engine
+/// maps its own rows and errors into `rows`, which are read lazily.
+pub(crate) fn collect_page(
+    rows: impl Iterator<Item = Result<Entry, StoreError>>,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut page = Vec::new();
+    if limit == 0 {
+        return Ok(page);
+    }
+    for row in rows {
+        let (key, value) = row?;
+        if !key.starts_with(prefix) {
+            break;
+        }
+        page.push((key, value));
+        if page.len() == limit {
+            break;
+        }
+    }
+    Ok(page)
+}
+
 /// Whether this process has opened a store in `dir` before; with `record`,
 /// remembers that it has now. An engine whose lock outlives its handle for a
 /// moment (background threads finishing) waits for it only in a directory this

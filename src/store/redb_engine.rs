@@ -29,7 +29,9 @@
 //! last commit, so a batch is seen whole or not at all.
 
 use super::commit_policy::{CommitPolicy, DeviceFlush};
-use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
+use super::{
+    collect_page, scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,25 +120,14 @@ impl Store for RedbStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let mut page = Vec::new();
-        if limit == 0 {
-            return Ok(page);
-        }
         let tx = self.db().begin_read().map_err(engine_error)?;
         let table = tx.open_table(TABLE).map_err(engine_error)?;
         let start = scan_start(prefix, start_after);
-        for entry in table.range(start.as_slice()..).map_err(engine_error)? {
+        let rows = table.range(start.as_slice()..).map_err(engine_error)?.map(|entry| {
             let (key, value) = entry.map_err(engine_error)?;
-            let key = key.value();
-            if !key.starts_with(prefix) {
-                break;
-            }
-            page.push((key.to_vec(), value.value().to_vec()));
-            if page.len() == limit {
-                break;
-            }
-        }
-        Ok(page)
+            Ok((key.value().to_vec(), value.value().to_vec()))
+        });
+        collect_page(rows, prefix, limit)
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {

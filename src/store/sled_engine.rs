@@ -40,7 +40,9 @@
 //! serializes batches process-wide anyway), a scan page holds its read side.
 
 use super::group_commit::{CommitError, GroupCommit};
-use super::{scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
+use super::{
+    collect_page, scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats,
+};
 use super::{NONE_UNFLUSHED_BATCHES_MAX, UNFLUSHED_BATCHES_MAX};
 use crate::metrics::Histogram;
 use std::collections::HashMap;
@@ -321,22 +323,12 @@ impl Store for SledStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        let mut page = Vec::new();
-        if limit == 0 {
-            return Ok(page);
-        }
         let _gate = self.scan_gate.read().unwrap_or_else(PoisonError::into_inner);
-        for entry in self.engine.db.range(scan_start(prefix, start_after)..) {
+        let rows = self.engine.db.range(scan_start(prefix, start_after)..).map(|entry| {
             let (key, value) = entry?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            page.push((key.to_vec(), value.to_vec()));
-            if page.len() == limit {
-                break;
-            }
-        }
-        Ok(page)
+            Ok((key.to_vec(), value.to_vec()))
+        });
+        collect_page(rows, prefix, limit)
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
