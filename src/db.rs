@@ -39,6 +39,12 @@ impl Db {
         Ok(Db { node: config.open_node()?, idempotency: Mutex::new(IdempotencyWindow::default()) })
     }
 
+    /// A `Db` over a node built by hand: over a fault-injecting store in
+    /// tests, or a simulated one.
+    pub fn from_node(node: Node) -> Db {
+        Db { node, idempotency: Mutex::new(IdempotencyWindow::default()) }
+    }
+
     /// The node under the handles.
     pub fn node(&self) -> &Node {
         &self.node

@@ -1,6 +1,6 @@
 //! Storage: a small [`Store`] trait over ordered bytes, with three durable
 //! engines on disk — [`SledStore`], [`FjallStore`] and [`RedbStore`] — and
-//! [`MemoryStore`] (tests, simulation), plus the node's persistent identity
+//! [`MemoryStore`] and [`FaultyStore`] (tests, simulation), plus the node's persistent identity
 //! ([`load_or_create_node_id`]).
 //!
 //! The store knows nothing of CRDTs: the node reads a key's bytes, merges in its
@@ -17,12 +17,15 @@
 //!   with the engine that made it.
 //! - `marker.rs`: the store directory's marker file (engine, format version).
 //! - `memory.rs`: [`MemoryStore`].
+//! - `faulty.rs`: [`FaultyStore`], a wrapper that injects disk faults and
+//!   crashes (tests, simulation).
 //! - `space.rs`: [`SpaceGuard`], which refuses writes before the disk is full.
 //! - `node_id.rs`: the node id file.
 
 mod commit_policy;
 mod durability;
 mod engine;
+mod faulty;
 mod fjall_engine;
 mod group_commit;
 mod marker;
@@ -37,6 +40,7 @@ pub use durability::{
     UNFLUSHED_BATCHES_MAX,
 };
 pub use engine::{open, open_reserving, Engine, UnknownEngine};
+pub use faulty::{CrashReport, Fault, FaultRates, FaultyStore};
 pub use fjall_engine::FjallStore;
 pub use marker::{STORE_FORMAT_VERSION, STORE_MARKER_FILE};
 pub use memory::MemoryStore;
