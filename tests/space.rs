@@ -9,7 +9,10 @@
 //!   mounted by the test; it needs root, and says so and skips without it):
 //!   writes are refused with `StoreError::InsufficientStorage` and change
 //!   nothing, reads keep working, writes are accepted again once space is
-//!   freed, and every acknowledged write is there after a reopen.
+//!   freed, and every acknowledged write is there after a reopen;
+//! - past the reserve (another process filled the disk), the engine's own
+//!   ENOSPC is the same `InsufficientStorage`: the batch is not there, and the
+//!   store reopens its engine and takes writes again once space is freed.
 //!
 //! `cargo test --test space -- --nocapture` prints the sizes measured.
 #![cfg(unix)]
@@ -273,4 +276,98 @@ fn redb_refuses_writes_on_a_full_disk_and_recovers() {
 #[test]
 fn sled_refuses_writes_on_a_full_disk_and_recovers() {
     a_full_disk_refuses_writes_and_recovers(Engine::Sled);
+}
+
+/// Keys of the batch the engine cannot write: many small keys, so that the
+/// engine's own bytes (fjall's journal record per key, redb's pages) are well
+/// above the keys' bytes that the reserve check counts.
+const CROWD_KEYS: usize = 20_000;
+
+fn crowd() -> (Batch, u64) {
+    let mut batch = Batch::new();
+    let mut bytes = 0;
+    for i in 0..CROWD_KEYS {
+        let key = format!("crowd/{i:06}");
+        bytes += key.len() as u64;
+        batch = batch.put(key, Vec::new());
+    }
+    (batch, bytes)
+}
+
+/// Another process fills the disk past the reserve (the reserve is 0 here):
+/// the batch passes the free-space check, but the engine itself runs out of
+/// space writing it. That is the same `InsufficientStorage`, the batch is not
+/// there, reads go on, later writes are refused the same way (not an engine
+/// error), and once the file is deleted the store reopens its engine and
+/// takes writes again, without a restart; every acknowledged write survives a
+/// reopen.
+fn the_engine_out_of_space_is_insufficient_storage_and_recovers(engine: Engine) {
+    let tmpfs = match Tmpfs::mount(TMPFS_BYTES) {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            println!("SKIPPED {engine} engine-out-of-space test: {reason} (it needs root)");
+            return;
+        }
+    };
+    let dir = tmpfs.path().join("store");
+    let open = || store::open_reserving(Some(engine), &dir, Durability::Sync, 0);
+    let store = open().unwrap();
+    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..5 {
+        let (key, value) = (format!("k/{i}"), random_value(1024, i));
+        store.apply(Batch::new().put(key.clone(), value.clone())).unwrap();
+        acked.push((key, value));
+    }
+    let (batch, batch_bytes) = crowd();
+    // Leave free just what the check counts, rounded up to a page.
+    let ballast = tmpfs.path().join("ballast");
+    let leave = batch_bytes.div_ceil(4096) * 4096;
+    write_ballast(&ballast, available_bytes(tmpfs.path()) - leave);
+    let free = available_bytes(tmpfs.path());
+    assert!(free >= batch_bytes, "{engine}: the check would refuse the batch ({free} free)");
+
+    let result = store.apply(batch.clone());
+    assert!(
+        matches!(result, Err(StoreError::InsufficientStorage { .. })),
+        "{engine}: {free} bytes free, a batch of {batch_bytes}: {result:?}"
+    );
+    println!("{engine}: the engine ran out of space with {free} bytes free: {:?}", result.err());
+    assert_eq!(store.scan_prefix(b"crowd/", None, 10).unwrap(), [], "{engine}: half a batch");
+    for (key, value) in &acked {
+        assert_eq!(store.get(key.as_bytes()).unwrap().as_ref(), Some(value), "{engine}: {key}");
+    }
+    for i in 0..3 {
+        let result = store.apply(Batch::new().put(format!("full/{i}"), "v"));
+        assert!(matches!(result, Err(StoreError::InsufficientStorage { .. })), "{result:?}");
+    }
+
+    // The other process's file goes: writes are accepted again, no restart.
+    std::fs::remove_file(&ballast).unwrap();
+    let (key, value) = ("after/0".to_string(), random_value(1024, 99));
+    store.apply(Batch::new().put(key.clone(), value.clone())).unwrap();
+    acked.push((key, value));
+    assert_eq!(store.scan_prefix(b"crowd/", None, 10).unwrap(), [], "{engine}: recovered half");
+    assert_eq!(store.get(b"full/0").unwrap(), None, "{engine}");
+    store.apply(batch).unwrap();
+    for (key, value) in &acked {
+        assert_eq!(store.get(key.as_bytes()).unwrap().as_ref(), Some(value), "{engine}: {key}");
+    }
+    drop(store);
+
+    let store = open().unwrap();
+    for (key, value) in &acked {
+        assert_eq!(store.get(key.as_bytes()).unwrap().as_ref(), Some(value), "{engine}: {key}");
+    }
+    let crowd_rows = store.scan_prefix(b"crowd/", None, usize::MAX).unwrap();
+    assert_eq!(crowd_rows.len(), CROWD_KEYS, "{engine}: the batch written after the recovery");
+}
+
+#[test]
+fn fjall_out_of_space_past_the_reserve_is_insufficient_storage_and_recovers() {
+    the_engine_out_of_space_is_insufficient_storage_and_recovers(Engine::Fjall);
+}
+
+#[test]
+fn redb_out_of_space_past_the_reserve_is_insufficient_storage_and_recovers() {
+    the_engine_out_of_space_is_insufficient_storage_and_recovers(Engine::Redb);
 }

@@ -124,7 +124,10 @@ fn check(dir: &Path, found: Engine, requested: Option<Engine>) -> Result<Engine,
 /// sled, and gets its marker once sled has opened it.
 ///
 /// The store refuses writes that would leave less than
-/// [`FREE_BYTES_MIN_DEFAULT`] free on its file system ([`SpaceGuard`]).
+/// [`FREE_BYTES_MIN_DEFAULT`] free on its file system ([`SpaceGuard`]), and
+/// writes the engine itself could not make for lack of space, with
+/// [`StoreError::InsufficientStorage`]; once space is freed it reopens the
+/// engine and takes writes again.
 pub fn open(
     engine: Option<Engine>,
     dir: &Path,
@@ -167,16 +170,21 @@ pub fn open_reserving(
             }
         },
     };
-    let store: Box<dyn Store> = match chosen {
-        Engine::Sled => Box::new(SledStore::open(dir, durability)?),
-        Engine::Fjall => Box::new(FjallStore::open(dir, durability)?),
-        Engine::Redb => Box::new(RedbStore::open(dir, durability)?),
+    let engine_dir = dir.to_path_buf();
+    let open_engine = move || -> Result<Box<dyn Store>, StoreError> {
+        Ok(match chosen {
+            Engine::Sled => Box::new(SledStore::open(&engine_dir, durability)?),
+            Engine::Fjall => Box::new(FjallStore::open(&engine_dir, durability)?),
+            Engine::Redb => Box::new(RedbStore::open(&engine_dir, durability)?),
+        })
     };
+    // The guard opens the engine, and opens it again after it ran out of space.
+    let guard = SpaceGuard::reopening(Box::new(open_engine), dir, free_bytes_min)?;
     if legacy {
         let created = marker::create(dir, Marker::current(Engine::Sled))?;
         check(dir, created.engine, Some(Engine::Sled))?;
     }
-    Ok(Box::new(SpaceGuard::new(store, dir, free_bytes_min)?))
+    Ok(Box::new(guard))
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use redb_engine::RedbStore;
 pub use sled_engine::SledStore;
-pub use space::{SpaceGuard, FREE_BYTES_MIN_DEFAULT};
+pub use space::{SpaceGuard, ENGINE_FULL_RESUME_BYTES, FREE_BYTES_MIN_DEFAULT};
 
 use crate::metrics::Histogram;
 use std::collections::BTreeSet;

@@ -43,7 +43,12 @@ pub(crate) const DATA_FILE: &str = "data.redb";
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
 
 fn engine_error(error: impl Into<redb::Error>) -> StoreError {
-    StoreError::Engine { source: Box::new(error.into()) }
+    match error.into() {
+        // redb's errors name no source: the OS's error is kept as the source
+        // itself, so that a full disk is seen as one (`SpaceGuard`).
+        redb::Error::Io(io) => StoreError::Engine { source: Box::new(io) },
+        error => StoreError::Engine { source: Box::new(error) },
+    }
 }
 
 /// redb's database; its flush is a durable commit.

@@ -10,13 +10,25 @@
 //! sled 0.34 has lost data that way. The reserve also leaves the engines room
 //! for what they write on their own — fjall's memtable flushes and compactions,
 //! redb's file growth, sled's segments — so it is a heuristic, not a proof: a
-//! compaction larger than the reserve can still hit the end of the disk.
+//! compaction larger than the reserve, or another process filling the disk,
+//! can still make the engine itself fail for lack of space.
+//!
+//! When it does (the OS said ENOSPC or EDQUOT, to a write or to a flush), the
+//! guard answers that batch with the same [`StoreError::InsufficientStorage`]
+//! and reopens the engine from its directory at once — what a restart would
+//! do: the engine recovers from what reached its files, so the refused batch
+//! is not there even if the engine had applied it before its flush failed. From
+//! then on writes are refused until [`ENGINE_FULL_RESUME_BYTES`] more than the
+//! reserve are free; reads go on. A flush that fails for any other reason is
+//! not retried: see [`StoreError::FlushFailed`].
 //!
 //! The check is one `fstatvfs` of the store directory per batch.
 
 use super::{Batch, Change, Entry, Store, StoreError, StoreStats};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 /// The free bytes a store keeps on its file system by default: room for
 /// fjall's memtable flushes (8 MiB each) and compactions of a small store,
@@ -36,9 +48,62 @@ pub(crate) fn batch_bytes(batch: &Batch) -> u64 {
         .sum()
 }
 
+/// What the OS says for a full disk (`strerror(ENOSPC)`), as it appears in the
+/// text of a failed flush that the group commit kept.
+const NO_SPACE_TEXT: &str = "No space left on device";
+
+/// Whether `error` is, or was caused by, the OS saying the disk (or the
+/// user's quota) is full.
+pub(crate) fn is_no_space(error: &StoreError) -> bool {
+    fn io_no_space(error: &std::io::Error) -> bool {
+        use rustix::io::Errno;
+        error.kind() == std::io::ErrorKind::StorageFull
+            || error.kind() == std::io::ErrorKind::QuotaExceeded
+            || error.raw_os_error() == Some(Errno::NOSPC.raw_os_error())
+            || error.raw_os_error() == Some(Errno::DQUOT.raw_os_error())
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = match error {
+        StoreError::InsufficientStorage { .. } => return true,
+        StoreError::FlushFailed { reason } => return reason.contains(NO_SPACE_TEXT),
+        StoreError::Io { source, .. } => Some(source),
+        StoreError::Engine { source } => Some(&**source),
+        _ => None,
+    };
+    while let Some(error) = next {
+        if error.downcast_ref::<std::io::Error>().is_some_and(io_no_space) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// Opens the guarded engine again from its directory.
+pub(crate) type Reopen = Box<dyn Fn() -> Result<Box<dyn Store>, StoreError> + Send + Sync>;
+
+/// After the engine itself ran out of space, the free bytes beyond the
+/// reserve (and the batch) that writes wait for: room for the engine's own
+/// writes (a fjall memtable flush is 8 MiB), so that the next write does not
+/// fail in the engine again at once, and cost another reopen.
+pub const ENGINE_FULL_RESUME_BYTES: u64 = 8 << 20;
+
+/// The guarded engine and how many times it was opened.
+struct Opened {
+    /// The engine; `None` after a reopen failed.
+    engine: Option<Box<dyn Store>>,
+    /// 1 for the first open, one more per reopen.
+    generation: u64,
+}
+
 /// A store whose writes are refused while its file system is (nearly) full.
 pub struct SpaceGuard {
-    inner: Box<dyn Store>,
+    inner: RwLock<Opened>,
+    /// How to open the engine again after it ran out of space (`None`: the
+    /// guard cannot, and writes stay refused once it did).
+    reopen: Option<Reopen>,
+    /// The engine itself ran out of space: writes wait for
+    /// [`ENGINE_FULL_RESUME_BYTES`] more.
+    engine_full: AtomicBool,
     dir: PathBuf,
     /// The store directory, open for `fstatvfs`.
     dir_file: File,
@@ -47,15 +112,43 @@ pub struct SpaceGuard {
 
 impl SpaceGuard {
     /// Guards `inner`, whose files live in `dir`, keeping `free_bytes_min`
-    /// bytes free.
+    /// bytes free. If the engine itself runs out of space, its writes stay
+    /// refused for good; [`open`](super::open) guards with a reopen instead.
     pub fn new(
         inner: Box<dyn Store>,
         dir: &Path,
         free_bytes_min: u64,
     ) -> Result<SpaceGuard, StoreError> {
+        SpaceGuard::with_reopen(inner, None, dir, free_bytes_min)
+    }
+
+    /// Opens the engine with `open` and guards it; after the engine ran out of
+    /// space, `open` opens it again.
+    pub(crate) fn reopening(
+        open: Reopen,
+        dir: &Path,
+        free_bytes_min: u64,
+    ) -> Result<SpaceGuard, StoreError> {
+        let inner = open()?;
+        SpaceGuard::with_reopen(inner, Some(open), dir, free_bytes_min)
+    }
+
+    fn with_reopen(
+        inner: Box<dyn Store>,
+        reopen: Option<Reopen>,
+        dir: &Path,
+        free_bytes_min: u64,
+    ) -> Result<SpaceGuard, StoreError> {
         let dir_file =
             File::open(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
-        Ok(SpaceGuard { inner, dir: dir.to_path_buf(), dir_file, free_bytes_min })
+        Ok(SpaceGuard {
+            inner: RwLock::new(Opened { engine: Some(inner), generation: 1 }),
+            reopen,
+            engine_full: AtomicBool::new(false),
+            dir: dir.to_path_buf(),
+            dir_file,
+            free_bytes_min,
+        })
     }
 
     /// Bytes an unprivileged writer may still use on the store's file system.
@@ -64,11 +157,95 @@ impl SpaceGuard {
             .map_err(|errno| StoreError::Io { path: self.dir.clone(), source: errno.into() })?;
         Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
+
+    /// Whether the engine itself ran out of space, and writes wait for
+    /// [`ENGINE_FULL_RESUME_BYTES`] beyond the reserve.
+    pub fn engine_full(&self) -> bool {
+        self.engine_full.load(Ordering::Acquire)
+    }
+
+    /// The refusal of a batch that needs `needed_bytes` free.
+    fn insufficient(&self, needed_bytes: u64) -> StoreError {
+        StoreError::InsufficientStorage {
+            path: self.dir.clone(),
+            available_bytes: self.available_bytes().unwrap_or(0),
+            needed_bytes,
+        }
+    }
+
+    /// The engine for a read or a write, opened again first if the last
+    /// reopen failed.
+    fn opened(&self) -> Result<RwLockReadGuard<'_, Opened>, StoreError> {
+        let opened = self.inner.read().unwrap_or_else(PoisonError::into_inner);
+        if opened.engine.is_some() {
+            return Ok(opened);
+        }
+        let generation = opened.generation;
+        drop(opened);
+        self.reopen_engine(generation)?;
+        Ok(self.inner.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Drops the engine of `generation` and opens it again from its directory,
+    /// as a restart would: it recovers from what reached its files, so a
+    /// batch that it applied but could not make durable is gone. A caller that
+    /// finds a newer generation already open goes on with it.
+    fn reopen_engine(&self, generation: u64) -> Result<(), StoreError> {
+        let Some(reopen) = &self.reopen else {
+            return Err(self.insufficient(self.free_bytes_min));
+        };
+        let mut opened = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if opened.generation != generation && opened.engine.is_some() {
+            return Ok(());
+        }
+        // The old engine must let go of its files (and locks) first.
+        opened.engine = None;
+        opened.generation += 1;
+        let engine = reopen().map_err(|error| {
+            tracing::error!(%error, dir = %self.dir.display(), "the store could not be reopened");
+            if is_no_space(&error) {
+                self.insufficient(self.free_bytes_min)
+            } else {
+                error
+            }
+        })?;
+        opened.engine = Some(engine);
+        tracing::warn!(dir = %self.dir.display(), "the store was reopened from its files");
+        Ok(())
+    }
+
+    /// Runs `read` on the engine.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&dyn Store) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let opened = self.opened()?;
+        match opened.engine.as_deref() {
+            Some(store) => read(store),
+            None => Err(self.insufficient(self.free_bytes_min)),
+        }
+    }
+
+    /// After the engine of `generation` failed with `error`: when the OS said
+    /// the disk is full, the engine is reopened at once (dropping what the
+    /// failed write left applied but not durable) and writes wait for room.
+    fn engine_failed(&self, generation: u64, error: StoreError, needed_bytes: u64) -> StoreError {
+        if !is_no_space(&error) {
+            return error;
+        }
+        if !self.engine_full.swap(true, Ordering::AcqRel) {
+            tracing::warn!(%error, "the storage engine ran out of space; writes are refused until space is freed");
+        }
+        if let Err(reopen) = self.reopen_engine(generation) {
+            tracing::error!(error = %reopen, "reopening the full store failed; reads and writes retry it");
+        }
+        self.insufficient(needed_bytes)
+    }
 }
 
 impl Store for SpaceGuard {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key)
+        self.read(|store| store.get(key))
     }
 
     fn scan_prefix(
@@ -77,28 +254,48 @@ impl Store for SpaceGuard {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
-        self.inner.scan_prefix(prefix, start_after, limit)
+        self.read(|store| store.scan_prefix(prefix, start_after, limit))
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
-        let needed_bytes = self.free_bytes_min.saturating_add(batch_bytes(&batch));
+        let engine_full = self.engine_full();
+        let headroom = if engine_full { ENGINE_FULL_RESUME_BYTES } else { 0 };
+        let needed_bytes =
+            self.free_bytes_min.saturating_add(batch_bytes(&batch)).saturating_add(headroom);
         let available_bytes = self.available_bytes()?;
-        if available_bytes < needed_bytes {
+        if available_bytes < needed_bytes || (engine_full && self.reopen.is_none()) {
             return Err(StoreError::InsufficientStorage {
                 path: self.dir.clone(),
                 available_bytes,
                 needed_bytes,
             });
         }
-        self.inner.apply(batch)
+        if engine_full {
+            self.engine_full.store(false, Ordering::Release);
+        }
+        let opened = self.opened()?;
+        let generation = opened.generation;
+        let Some(store) = opened.engine.as_deref() else {
+            return Err(self.insufficient(needed_bytes));
+        };
+        let result = store.apply(batch);
+        drop(opened);
+        result.map_err(|error| self.engine_failed(generation, error, needed_bytes))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
+        let opened = self.opened()?;
+        let generation = opened.generation;
+        let Some(store) = opened.engine.as_deref() else {
+            return Err(self.insufficient(self.free_bytes_min));
+        };
+        let result = store.flush();
+        drop(opened);
+        result.map_err(|error| self.engine_failed(generation, error, self.free_bytes_min))
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.inner.stats()
+        self.read(|store| store.stats())
     }
 }
 
