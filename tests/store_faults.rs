@@ -5,13 +5,20 @@
 //! restarts (it does not retry the fsync: a later success would not prove the
 //! lost pages were written), after which everything acknowledged is there and
 //! nothing else is. A seeded run mixes all of it; set `CALMKV_TEST_SEED` to
-//! replay one.
+//! replay one. Over HTTP, `/readyz` answers within a second while writes are
+//! stuck and after a failed fsync, with the reason.
 
-use calmkv::store::{Durability, Entry, Fault, FaultRates, FaultyStore, MemoryStore, StoreError};
+use calmkv::http::{AppState, HttpConfig};
+use calmkv::metrics::Metrics;
+use calmkv::store::{
+    Durability, Entry, Fault, FaultRates, FaultyStore, MemoryStore, SpaceGuard, Store, StoreError,
+    WRITE_STALL_MAX,
+};
 use calmkv::{Db, Limits, Node, NodeError};
 use calmkv_crdts::NodeId;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const NODE_ID: NodeId = NodeId(7);
 
@@ -184,4 +191,111 @@ fn seeded_faults_never_lose_an_acknowledged_write_nor_keep_a_refused_one() {
         attempted.len()
     );
     assert!(store.faults_injected() > 0 && !acked.is_empty(), "seed {seed}: a run without faults");
+}
+
+/// A store that shares a `FaultyStore` with the test, so that the test can
+/// arm faults in a store the node owns.
+struct Shared(Arc<FaultyStore>);
+
+impl Store for Shared {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key)
+    }
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.0.scan_prefix(prefix, start_after, limit)
+    }
+    fn apply(&self, batch: calmkv::store::Batch) -> Result<(), StoreError> {
+        self.0.apply(batch)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.0.flush()
+    }
+    fn stats(&self) -> Result<calmkv::store::StoreStats, StoreError> {
+        self.0.stats()
+    }
+    fn writable(&self) -> Result<(), StoreError> {
+        self.0.writable()
+    }
+}
+
+/// How long `/readyz` may take to answer, whatever the store does.
+const READY_ANSWER_MAX: Duration = Duration::from_secs(1);
+
+/// `/readyz`'s status and body, checking that it answered in time.
+async fn readyz(client: &reqwest::Client, url: &str) -> (u16, String) {
+    let started = Instant::now();
+    let response = client.get(format!("{url}/readyz")).send().await.expect("an answer");
+    let answer = (response.status().as_u16(), response.text().await.unwrap());
+    assert!(started.elapsed() < READY_ANSWER_MAX, "/readyz took {:?}", started.elapsed());
+    answer
+}
+
+/// Polls `/readyz` until its answer satisfies `wanted`, or panics at the deadline.
+async fn readyz_until(
+    client: &reqwest::Client,
+    url: &str,
+    wanted: impl Fn(u16, &str) -> bool,
+) -> String {
+    let deadline = Instant::now() + WRITE_STALL_MAX + Duration::from_secs(20);
+    loop {
+        let (status, body) = readyz(client, url).await;
+        if wanted(status, &body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "/readyz still answers {status} {body:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await; // polling a condition
+    }
+}
+
+/// `/readyz` over HTTP while the store misbehaves: it answers within a second
+/// every time; not ready with the reason while writes do not finish (reads
+/// keep answering meanwhile) and after a failed flush; ready again once a
+/// stuck write finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_within_a_second_while_writes_are_stuck_and_after_a_failed_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = faulty(Durability::Sync);
+    let guard = SpaceGuard::new(Box::new(Shared(faulty.clone())), dir.path(), 0).unwrap();
+    let node = Arc::new(Node::open(NODE_ID, Arc::new(guard), Limits::default()).unwrap());
+    let state = AppState::new(node, Metrics::new(), HttpConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(calmkv::http::serve(listener, state, async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let put = |key: &str| client.put(format!("{url}/v1/kv/{key}")).body("v").send();
+    assert_eq!(put("before").await.unwrap().status(), 204);
+    assert_eq!(readyz(&client, &url).await, (200, "ready\n".to_string()));
+
+    // A write that does not finish: the flush is stuck.
+    faulty.stall_flushes(true);
+    let stuck = tokio::spawn(put("stuck"));
+    let body = readyz_until(&client, &url, |status, _| status == 503).await;
+    assert!(body.starts_with("not ready: writes have not finished"), "{body:?}");
+    let started = Instant::now();
+    let read = client.get(format!("{url}/v1/kv/before")).send().await.unwrap();
+    assert_eq!(read.status(), 200, "reads keep answering");
+    assert!(started.elapsed() < READY_ANSWER_MAX, "a read took {:?}", started.elapsed());
+    assert!(!stuck.is_finished());
+
+    faulty.stall_flushes(false);
+    assert_eq!(stuck.await.unwrap().unwrap().status(), 204);
+    readyz_until(&client, &url, |status, _| status == 200).await;
+
+    // A failed fsync: not acknowledged, and not ready until a restart.
+    faulty.arm(Fault::FlushError);
+    assert_eq!(put("failed").await.unwrap().status(), 500);
+    let (status, body) = readyz(&client, &url).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("an earlier flush failed"), "{body:?}");
+    assert_eq!(client.get(format!("{url}/v1/kv/before")).send().await.unwrap().status(), 200);
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
 }

@@ -9,19 +9,71 @@ use axum::Json;
 use calmkv_crdts::NodeId;
 use calmkv_gossip::MemberState;
 use serde_json::json;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// `GET /healthz`: the process is up.
 pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// `GET /readyz`: the store answers reads.
+/// How long `/readyz` waits for the store's probe before it answers not ready.
+/// Under a second, so that the probe answers within one whatever the disk does.
+pub const READY_PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Probes that may be running at once in this process. A probe that times out
+/// keeps its blocking thread until the store answers; past this many, `/readyz`
+/// answers not ready without starting another, so a hung disk cannot make the
+/// probe take thread after thread.
+pub const READY_PROBES_MAX: usize = 4;
+
+/// Probes running now (process-wide).
+static READY_PROBES: AtomicUsize = AtomicUsize::new(0);
+
+/// One running probe; ends when its blocking call returns.
+struct ProbeSlot;
+
+impl ProbeSlot {
+    fn take() -> Option<ProbeSlot> {
+        READY_PROBES
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < READY_PROBES_MAX).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ProbeSlot)
+    }
+}
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        READY_PROBES.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `GET /readyz`: `200 ready` when the store answers a read and would take a
+/// write; else `503` with the reason in the body (`not ready: ...`): a full
+/// disk, a failed flush, writes that do not finish, or a store that did not
+/// answer within [`READY_PROBE_TIMEOUT`]. Always answers within that timeout.
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+    let not_ready = |reason: String| {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")).into_response()
+    };
+    let Some(slot) = ProbeSlot::take() else {
+        return not_ready(format!(
+            "{READY_PROBES_MAX} earlier probes of the store have not returned"
+        ));
+    };
     let node = state.node().clone();
-    let probe = tokio::task::spawn_blocking(move || node.store().get(b"readyz-probe")).await;
-    match probe {
-        Ok(Ok(_)) => "ready\n".into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
+    let probe = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        node.store().get(b"readyz-probe")?;
+        node.store().writable()
+    });
+    match tokio::time::timeout(READY_PROBE_TIMEOUT, probe).await {
+        Ok(Ok(Ok(()))) => "ready\n".into_response(),
+        Ok(Ok(Err(error))) => not_ready(error.to_string()),
+        Ok(Err(_)) => not_ready("the store probe panicked".to_string()),
+        Err(_) => not_ready(format!("the store did not answer within {READY_PROBE_TIMEOUT:?}")),
     }
 }
 

@@ -282,6 +282,18 @@ impl Store for FaultyStore {
     fn stats(&self) -> Result<StoreStats, StoreError> {
         self.inner.stats()
     }
+
+    /// Refused once a flush failed. It does not wait for the lock a stalled
+    /// write holds: a write waiting on it is not refused, only slow.
+    fn writable(&self) -> Result<(), StoreError> {
+        match self.state.try_lock() {
+            Ok(state) => match &state.failed {
+                Some(reason) => Err(StoreError::FlushFailed { reason: reason.clone() }),
+                None => self.inner.writable(),
+            },
+            Err(_) => self.inner.writable(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -186,6 +186,10 @@ impl Store for FjallStore {
         self.policy.flush()
     }
 
+    fn writable(&self) -> Result<(), StoreError> {
+        self.policy.check()
+    }
+
     /// `size_bytes` is what the directory occupies on the device (fjall's own
     /// count takes its preallocated, sparse journal at its full 64 MiB); it costs
     /// a walk of the directory.

@@ -47,7 +47,7 @@ pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use redb_engine::RedbStore;
 pub use sled_engine::SledStore;
-pub use space::{SpaceGuard, ENGINE_FULL_RESUME_BYTES, FREE_BYTES_MIN_DEFAULT};
+pub use space::{SpaceGuard, ENGINE_FULL_RESUME_BYTES, FREE_BYTES_MIN_DEFAULT, WRITE_STALL_MAX};
 
 use crate::metrics::Histogram;
 use std::collections::BTreeSet;
@@ -233,6 +233,14 @@ pub enum StoreError {
         /// Bytes the batch needs free, the reserve included.
         needed_bytes: u64,
     },
+    /// Writes started and none has finished for `stalled_for` (the device does
+    /// not answer). Only the readiness probe reports it ([`Store::writable`]);
+    /// nothing changed.
+    #[error("writes have not finished for {stalled_for:?}: the disk does not answer")]
+    WritesStalled {
+        /// Since when no write finished while some were waiting.
+        stalled_for: std::time::Duration,
+    },
     /// The durability setting cannot be used. Nothing was opened.
     #[error("durability {durability:?}: {reason}")]
     InvalidDurability {
@@ -275,6 +283,14 @@ pub trait Store: Send + Sync {
 
     /// Size and flush numbers for the metrics.
     fn stats(&self) -> Result<StoreStats, StoreError>;
+
+    /// Whether a write now could be accepted, for the readiness probe: the
+    /// error a write would meet (a failed flush, a full disk, writes that do
+    /// not finish), without writing. Cheap, and it blocks on nothing a stuck
+    /// write holds.
+    fn writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The start of a scan: just after `start_after` if it lies within `prefix`.

@@ -163,6 +163,10 @@ impl Store for RedbStore {
         self.policy.flush()
     }
 
+    fn writable(&self) -> Result<(), StoreError> {
+        self.policy.check()
+    }
+
     /// `size_bytes` is what redb's file occupies on the device (free pages
     /// included).
     fn stats(&self) -> Result<StoreStats, StoreError> {

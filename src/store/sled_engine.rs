@@ -372,6 +372,10 @@ impl Store for SledStore {
             flush_latency: Some(self.engine.flush_latency.clone()),
         })
     }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        self.engine.commit.check().map_err(|reason| StoreError::FlushFailed { reason })
+    }
 }
 
 impl Drop for SledStore {

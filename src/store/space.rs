@@ -27,8 +27,9 @@
 use super::{Batch, Change, Entry, Store, StoreError, StoreStats};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 /// The free bytes a store keeps on its file system by default: room for
 /// fjall's memtable flushes (8 MiB each) and compactions of a small store,
@@ -87,6 +88,55 @@ pub(crate) type Reopen = Box<dyn Fn() -> Result<Box<dyn Store>, StoreError> + Se
 /// fail in the engine again at once, and cost another reopen.
 pub const ENGINE_FULL_RESUME_BYTES: u64 = 8 << 20;
 
+/// How long writes may wait with none finishing before [`Store::writable`]
+/// says they are stalled (the readiness probe turns not ready): well above a
+/// slow fsync under load, well below what a client waits for an answer.
+pub const WRITE_STALL_MAX: Duration = Duration::from_secs(5);
+
+/// Writes in flight, and when the last one finished (or the first began),
+/// for [`WRITE_STALL_MAX`]: two atomic updates per write.
+#[derive(Debug)]
+struct Progress {
+    /// When the guard was made; times below are milliseconds since.
+    epoch: Instant,
+    in_flight: AtomicU64,
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// How long writes have waited with none finishing, if some are waiting.
+    fn stalled_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let since = self.now_ms().saturating_sub(self.last_ms.load(Ordering::Acquire));
+        Some(Duration::from_millis(since))
+    }
+}
+
+/// One write in flight; its end is progress.
+struct InFlight<'a>(&'a Progress);
+
+impl<'a> InFlight<'a> {
+    fn enter(progress: &'a Progress) -> InFlight<'a> {
+        if progress.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            progress.last_ms.store(progress.now_ms(), Ordering::Release);
+        }
+        InFlight(progress)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.last_ms.store(self.0.now_ms(), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The guarded engine and how many times it was opened.
 struct Opened {
     /// The engine; `None` after a reopen failed.
@@ -108,6 +158,7 @@ pub struct SpaceGuard {
     /// The store directory, open for `fstatvfs`.
     dir_file: File,
     free_bytes_min: u64,
+    progress: Progress,
 }
 
 impl SpaceGuard {
@@ -148,6 +199,11 @@ impl SpaceGuard {
             dir: dir.to_path_buf(),
             dir_file,
             free_bytes_min,
+            progress: Progress {
+                epoch: Instant::now(),
+                in_flight: AtomicU64::new(0),
+                last_ms: AtomicU64::new(0),
+            },
         })
     }
 
@@ -273,6 +329,7 @@ impl Store for SpaceGuard {
         if engine_full {
             self.engine_full.store(false, Ordering::Release);
         }
+        let _in_flight = InFlight::enter(&self.progress);
         let opened = self.opened()?;
         let generation = opened.generation;
         let Some(store) = opened.engine.as_deref() else {
@@ -296,6 +353,37 @@ impl Store for SpaceGuard {
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
         self.read(|store| store.stats())
+    }
+
+    /// Not while writes are stalled ([`WRITE_STALL_MAX`]), the engine is out
+    /// of space, the reserve is not free, or the engine refuses writes (a
+    /// failed flush). Waits for nothing a write holds: while the engine is
+    /// being reopened it says so rather than wait.
+    fn writable(&self) -> Result<(), StoreError> {
+        if let Some(stalled_for) = self.progress.stalled_for() {
+            if stalled_for > WRITE_STALL_MAX {
+                return Err(StoreError::WritesStalled { stalled_for });
+            }
+        }
+        if self.engine_full() {
+            let needed = self.free_bytes_min.saturating_add(ENGINE_FULL_RESUME_BYTES);
+            if self.available_bytes()? < needed {
+                return Err(self.insufficient(needed));
+            }
+        } else if self.available_bytes()? < self.free_bytes_min {
+            return Err(self.insufficient(self.free_bytes_min));
+        }
+        let opened = match self.inner.try_read() {
+            Ok(opened) => opened,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return Err(StoreError::WritesStalled { stalled_for: Duration::ZERO })
+            }
+        };
+        match opened.engine.as_deref() {
+            Some(store) => store.writable(),
+            None => Err(self.insufficient(self.free_bytes_min)),
+        }
     }
 }
 
