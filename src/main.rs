@@ -473,8 +473,25 @@ pub(crate) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long the runtime waits, once the command is done, for blocking calls
+/// still running (a write stuck on a disk that does not answer): the process
+/// exits without them.
+const RUNTIME_SHUTDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run());
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_MAX);
+    code
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));

@@ -204,6 +204,12 @@ async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr: addr.to_string(), source })
 }
 
+/// How long a stopping server waits for the requests in flight to finish.
+pub const SHUTDOWN_DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// How long a stopping server waits for its final flush.
+pub const SHUTDOWN_FLUSH_MAX: Duration = Duration::from_secs(10);
+
 impl Server {
     /// Opens the node and starts serving.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
@@ -318,6 +324,12 @@ impl Server {
     /// Stops: the node leaves the gossip cluster (the others mark it down at
     /// once instead of suspecting it), the HTTP API finishes the requests in
     /// flight, peer traffic stops, and the store is flushed.
+    ///
+    /// Bounded, so that a disk that does not answer cannot keep a stopping node
+    /// alive: requests still in flight after [`SHUTDOWN_DRAIN_MAX`] are
+    /// dropped (their writes were not acknowledged), and a final flush that
+    /// has not returned after [`SHUTDOWN_FLUSH_MAX`] is given up with
+    /// `StoreError::WritesStalled` (what it covers may not be durable).
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         if let Some(membership) = self.membership.take() {
             if let Err(error) = membership.leave().await {
@@ -327,11 +339,17 @@ impl Server {
         if let Some(stop) = self.http_stop.take() {
             let _ = stop.send(());
         }
-        match (&mut self.http_task).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "HTTP server stopped with an error"),
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Err(_) => {}
+        match tokio::time::timeout(SHUTDOWN_DRAIN_MAX, &mut self.http_task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "HTTP server stopped with an error"),
+            Ok(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                tracing::warn!(
+                    "requests still in flight after {SHUTDOWN_DRAIN_MAX:?} are dropped unanswered"
+                );
+                self.http_task.abort();
+            }
         }
         for task in &self.background {
             task.abort();
@@ -341,9 +359,15 @@ impl Server {
         }
         self.cluster.channel().set_peers(Vec::new());
         let node = self.node.clone();
-        match tokio::task::spawn_blocking(move || node.flush()).await {
-            Ok(result) => result,
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        let flush = tokio::task::spawn_blocking(move || node.flush());
+        match tokio::time::timeout(SHUTDOWN_FLUSH_MAX, flush).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => {
+                tracing::error!("the final flush has not returned after {SHUTDOWN_FLUSH_MAX:?}");
+                let stalled_for = SHUTDOWN_FLUSH_MAX;
+                Err(NodeError::from(crate::store::StoreError::WritesStalled { stalled_for }))
+            }
         }
     }
 }

@@ -47,7 +47,10 @@ pub use memory::MemoryStore;
 pub use node_id::{load_or_create_node_id, random_node_id, NODE_ID_FILE};
 pub use redb_engine::RedbStore;
 pub use sled_engine::SledStore;
-pub use space::{SpaceGuard, ENGINE_FULL_RESUME_BYTES, FREE_BYTES_MIN_DEFAULT, WRITE_STALL_MAX};
+pub use space::{
+    SpaceGuard, ENGINE_FULL_RESUME_BYTES, FREE_BYTES_MIN_DEFAULT, WRITABLE_FREE_BYTES_EXTRA,
+    WRITE_STALL_MAX,
+};
 
 use crate::metrics::Histogram;
 use std::collections::BTreeSet;

@@ -88,6 +88,12 @@ pub(crate) type Reopen = Box<dyn Fn() -> Result<Box<dyn Store>, StoreError> + Se
 /// fail in the engine again at once, and cost another reopen.
 pub const ENGINE_FULL_RESUME_BYTES: u64 = 8 << 20;
 
+/// Free bytes beyond the reserve that [`Store::writable`] asks for: a write
+/// of the largest value the node takes by default (1 MiB) must fit, so that a
+/// disk that refuses the writes clients send is not ready even if a tiny write
+/// would still fit.
+pub const WRITABLE_FREE_BYTES_EXTRA: u64 = 1 << 20;
+
 /// How long writes may wait with none finishing before [`Store::writable`]
 /// says they are stalled (the readiness probe turns not ready): well above a
 /// slow fsync under load, well below what a client waits for an answer.
@@ -356,8 +362,8 @@ impl Store for SpaceGuard {
     }
 
     /// Not while writes are stalled ([`WRITE_STALL_MAX`]), the engine is out
-    /// of space, the reserve is not free, or the engine refuses writes (a
-    /// failed flush). Waits for nothing a write holds: while the engine is
+    /// of space, the reserve and [`WRITABLE_FREE_BYTES_EXTRA`] are not free, or
+    /// the engine refuses writes (a failed flush). Waits for nothing a write holds: while the engine is
     /// being reopened it says so rather than wait.
     fn writable(&self) -> Result<(), StoreError> {
         if let Some(stalled_for) = self.progress.stalled_for() {
@@ -370,8 +376,11 @@ impl Store for SpaceGuard {
             if self.available_bytes()? < needed {
                 return Err(self.insufficient(needed));
             }
-        } else if self.available_bytes()? < self.free_bytes_min {
-            return Err(self.insufficient(self.free_bytes_min));
+        } else {
+            let needed = self.free_bytes_min.saturating_add(WRITABLE_FREE_BYTES_EXTRA);
+            if self.available_bytes()? < needed {
+                return Err(self.insufficient(needed));
+            }
         }
         let opened = match self.inner.try_read() {
             Ok(opened) => opened,
