@@ -224,9 +224,11 @@ pub enum StoreError {
         reason: &'static str,
     },
     /// The file system holding the store has too little free space for this
-    /// batch and the reserve the store keeps ([`FREE_BYTES_MIN_DEFAULT`]). The
-    /// batch was refused before the engine saw it: nothing changed. Reads keep
-    /// working, and writes are accepted again once space is freed.
+    /// batch and the reserve the store keeps ([`FREE_BYTES_MIN_DEFAULT`]), or
+    /// the engine itself ran out of space writing it. Nothing changed: the
+    /// batch was refused before the engine saw it, or the engine was reopened
+    /// from its files without it ([`SpaceGuard`]). Reads keep working, and
+    /// writes are accepted again once space is freed.
     #[error("{}: {available_bytes} bytes free, this write needs {needed_bytes} (with the reserve); free some space", path.display())]
     InsufficientStorage {
         /// The store directory.
