@@ -12,7 +12,8 @@
 //!
 //! The server listens on `127.0.0.1:0`; its address is read from the line
 //! `listening on http://ADDR` the binary prints on stdout, so there is no port
-//! race. Readiness is `GET /readyz` answering 200, polled under a deadline. A
+//! race. Started means `GET /readyz` answers, polled under a deadline: 200, or
+//! 503 when the store would refuse writes (some tests start on a full disk). A
 //! running child is killed (SIGKILL) when its handle is dropped, so a failing
 //! test never leaves a server behind. Every `CALMKV_*` variable of the test's
 //! environment is removed from the child's, so only the flags a test passes count.
@@ -265,7 +266,7 @@ impl ServerProcess {
     fn wait_ready(&mut self, deadline: Instant) {
         let addr = self.addr();
         loop {
-            if let Ok((200, _)) = http_get(addr, "/readyz") {
+            if let Ok((200 | 503, _)) = http_get(addr, "/readyz") {
                 return;
             }
             let running = self.running.as_mut().expect("running");
