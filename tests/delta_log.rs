@@ -281,6 +281,14 @@ fn check_amortised(what: &str, n: usize, add: impl Fn(usize) -> Op) {
     assert!(whole > 10 * BYTES_PER_ADD_MAX, "the format-1 layout wrote {whole} B per add");
 }
 
+/// A small key folds often, and an add still costs less than rewriting it.
+#[test]
+fn a_set_add_at_ten_members_costs_less_than_the_whole_envelope() {
+    let (per_add, whole, adds) = amortised_bytes_per_add(10, set_add_of);
+    println!("set add, n = 10: {per_add} B per add over a fold cycle of {adds} adds; whole envelope {whole} B");
+    assert!(per_add < whole, "{per_add} bytes per add, the whole envelope is {whole}");
+}
+
 #[test]
 fn a_set_add_at_a_thousand_members_costs_under_a_kib_amortised() {
     check_amortised("set add", 1_000, set_add_of);
