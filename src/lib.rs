@@ -25,7 +25,8 @@
 //!
 //! - [`Db`] and its typed handles (`db.rs`): the embedded face.
 //! - [`Node`] (`node.rs`): applies [`Op`]s (`op.rs`) to keys, reads and scans.
-//!   Both faces call it and nothing else.
+//!   Both faces call it and nothing else. `node/delta_log.rs`: a key's rows
+//!   (base, delta log, digest entry) and the append-or-fold rule.
 //! - [`Envelope`] (`envelope.rs`): what one key stores; [`ReadResult`] (`read.rs`).
 //! - `store/`: the [`Store`](store::Store) trait, the disk engines (fjall,
 //!   redb, sled for old directories) and the in-memory engine, durability modes

@@ -3,33 +3,31 @@
 //! Every write is a read-merge-write of one key's [`Envelope`] under that key's
 //! lock (locks are striped by key hash), so concurrent writes to a key never
 //! lose each other's effects. The operation runs on a copy of the envelope;
-//! only if every step of it succeeds is the new envelope written, in one store
-//! batch, so a refused operation leaves the store untouched. Both faces (HTTP
-//! and embedded) call [`Node::apply`], [`Node::read`] and [`Node::scan`].
+//! only if every step of it succeeds is the write stored, in one store batch,
+//! so a refused operation leaves the store untouched. The batch holds the
+//! write's delta, appended to the key's log, or the merged state, folding the
+//! log (`node/delta_log.rs`), so a write costs what it changes. Both faces
+//! (HTTP and embedded) call [`Node::apply`], [`Node::read`] and [`Node::scan`].
 
 use crate::envelope::{Envelope, KeyType};
 use crate::error::NodeError;
 use crate::invariants::{as_creation, Invariants, Route};
 use crate::op::{Action, CounterOp, CrdtOp, FlagOp, Key, Op};
 use crate::read::ReadResult;
-use crate::replication::digest::{bucket_of, entry_hash, Digest};
-use crate::store::{Batch, Store};
+use crate::replication::digest::{bucket_of, Digest};
+use crate::store::Store;
 use crate::Limits;
-use calmkv_crdts::{
-    decode, encode, CausalContext, Crdt, CrdtError, HybridClock, NodeId, OrMap, Value,
-};
+use calmkv_crdts::{CausalContext, Crdt, CrdtError, HybridClock, NodeId, OrMap, Value};
+use delta_log::{DATA_PREFIX, HASH_PREFIX};
 use serde_bytes::ByteBuf;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Prefix of the store keys that hold user keys; other prefixes are free for the
-/// node's own records.
-const DATA_PREFIX: &[u8] = b"d/";
-/// Prefix of the digest index: `h/` + bucket (u16, big-endian) + key → the key's
-/// entry hash (u64, little-endian). Written in the same batch as the key, so the
-/// index never disagrees with the data.
-const HASH_PREFIX: &[u8] = b"h/";
+mod delta_log;
+
+pub use delta_log::LOG_SHARE_OF_BASE_INV;
 /// Index entries read per store call while rebuilding the digest on open.
 const DIGEST_REBUILD_PAGE: usize = 4096;
 /// Number of key-lock stripes: enough that unrelated keys rarely share one.
@@ -76,21 +74,31 @@ pub struct Node {
     lock_hasher: std::collections::hash_map::RandomState,
     clock: Mutex<HybridClock>,
     digest: Digest,
+    /// Bytes of every row the node keeps for its keys (bases, log rows, index
+    /// entries; keys and values), moved by each write under the key's lock.
+    live_bytes: AtomicU64,
     invariants: Arc<Invariants>,
 }
 
 impl Node {
     /// A node with identity `id` over `store`; rebuilds the digest of the key space
-    /// from the store's index (one pass over the index, not over the data).
+    /// and the live-bytes count from the store's index (one pass over the index,
+    /// not over the data; a key last written by a format-1 build costs one `get`
+    /// of its base as well, until it is written again).
     pub fn open(id: NodeId, store: Arc<dyn Store>, limits: Limits) -> Result<Node, NodeError> {
         let key_locks = (0..KEY_LOCK_STRIPES).map(|_| Mutex::new(())).collect();
         let digest = Digest::default();
+        let mut live_bytes = 0u64;
         let mut after: Option<Vec<u8>> = None;
         loop {
             let rows = store.scan_prefix(HASH_PREFIX, after.as_deref(), DIGEST_REBUILD_PAGE)?;
             for (index_key, value) in &rows {
-                let (bucket, hash) = parse_index_entry(index_key, value)?;
-                digest.replace(bucket, 0, hash);
+                let entry = delta_log::parse_index_entry(index_key, value)?;
+                digest.replace(entry.bucket, 0, entry.hash);
+                live_bytes += match entry.row_bytes {
+                    Some(bytes) => bytes,
+                    None => delta_log::row_bytes_v1(&*store, index_key)?,
+                };
             }
             match rows.last() {
                 Some((last, _)) if rows.len() == DIGEST_REBUILD_PAGE => after = Some(last.clone()),
@@ -105,8 +113,16 @@ impl Node {
             lock_hasher: Default::default(),
             clock: Mutex::new(HybridClock::new()),
             digest,
+            live_bytes: AtomicU64::new(live_bytes),
             invariants: Arc::new(Invariants::none()),
         })
+    }
+
+    /// Bytes of every row this node keeps for its keys — each key's base, its
+    /// log rows and its digest index entry, keys and values — exact after a
+    /// reopen. The on-disk size is the engine's (`StoreStats::size_bytes`).
+    pub fn live_bytes(&self) -> u64 {
+        self.live_bytes.load(Ordering::Relaxed)
     }
 
     /// This node's identity.
@@ -175,12 +191,18 @@ impl Node {
     ) -> Result<Applied, NodeError> {
         op.validate(&self.limits)?;
         let _guard = self.lock(&op.key);
-        let (current, stored) = self.load_raw(&op.key)?;
-        let mut state = current.clone();
+        let bucket = bucket_of(op.key.as_str());
+        let stored = delta_log::load_for_write(&*self.store, op.key.as_str(), bucket)?;
+        let mut state = stored.state.clone();
         let delta = self.execute(&mut state, op)?;
-        admit(&current, &state)?;
-        if state != current {
-            self.write(&op.key, &state, stored.as_deref())?;
+        admit(&stored.state, &state)?;
+        if state != stored.state {
+            // The delta goes to the log only if it takes the stored state to
+            // the new one exactly; otherwise the write stores the state.
+            let exact = stored.state.merged(&delta) == state;
+            let plan =
+                delta_log::plan(op.key.as_str(), bucket, &stored, &state, exact.then_some(&delta));
+            self.write(bucket, plan)?;
         }
         Ok(Applied { state, delta, coordinated: false })
     }
@@ -190,12 +212,30 @@ impl Node {
     /// Returns whether the key changed; stored with the store's durability.
     pub fn merge(&self, key: &Key, remote: &Envelope) -> Result<bool, NodeError> {
         let _guard = self.lock(key);
-        let (current, stored) = self.load_raw(key)?;
-        let merged = current.merged(remote);
-        if merged == current {
+        let bucket = bucket_of(key.as_str());
+        let stored = delta_log::load_for_write(&*self.store, key.as_str(), bucket)?;
+        let merged = stored.state.merged(remote);
+        if merged == stored.state {
             return Ok(false);
         }
-        self.write(key, &merged, stored.as_deref())?;
+        let plan = delta_log::plan(key.as_str(), bucket, &stored, &merged, Some(remote));
+        self.write(bucket, plan)?;
+        Ok(true)
+    }
+
+    /// Folds a key's delta log into its base now, in one batch; returns whether
+    /// there was a log to fold. Reads see the same state before and after.
+    /// Writes fold on their own once a log outgrows its share of the state
+    /// ([`LOG_SHARE_OF_BASE_INV`]); this is for tools and tests.
+    pub fn compact(&self, key: &Key) -> Result<bool, NodeError> {
+        let _guard = self.lock(key);
+        let bucket = bucket_of(key.as_str());
+        let stored = delta_log::load_for_write(&*self.store, key.as_str(), bucket)?;
+        if !stored.has_log() {
+            return Ok(false);
+        }
+        let plan = delta_log::plan(key.as_str(), bucket, &stored, &stored.state, None);
+        self.write(bucket, plan)?;
         Ok(true)
     }
 
@@ -227,11 +267,12 @@ impl Node {
             let batch_size = (limit - keys.len()).max(16);
             let rows = self.store.scan_prefix(&store_prefix, start.as_deref(), batch_size)?;
             let exhausted = rows.len() < batch_size;
-            for (raw_key, bytes) in rows {
+            for (raw_key, _) in rows {
                 visited += 1;
                 let name = String::from_utf8_lossy(&raw_key[DATA_PREFIX.len()..]).into_owned();
-                let envelope: Envelope = decode(&bytes)
-                    .map_err(|source| NodeError::Corrupt { key: name.clone(), source })?;
+                // The page's base may predate a fold of the key's log: read the
+                // key again, log first, as a single read does.
+                let envelope = delta_log::load(&*self.store, &name)?;
                 start = Some(raw_key);
                 if !envelope.is_empty() {
                     keys.push((name.clone(), envelope.types()));
@@ -261,33 +302,18 @@ impl Node {
     }
 
     fn load(&self, key: &Key) -> Result<Envelope, NodeError> {
-        Ok(self.load_raw(key)?.0)
+        delta_log::load(&*self.store, key.as_str())
     }
 
-    /// The key's envelope and the bytes it was decoded from (`None` when absent).
-    fn load_raw(&self, key: &Key) -> Result<(Envelope, Option<Vec<u8>>), NodeError> {
-        match self.store.get(&store_key(key))? {
-            None => Ok((Envelope::default(), None)),
-            Some(bytes) => {
-                let envelope = decode(&bytes)
-                    .map_err(|source| NodeError::Corrupt { key: key.to_string(), source })?;
-                Ok((envelope, Some(bytes)))
-            }
-        }
-    }
-
-    /// Stores a key's new state and its digest entry in one batch, then moves the
-    /// in-memory digest. Called under the key's lock.
-    fn write(&self, key: &Key, state: &Envelope, previous: Option<&[u8]>) -> Result<(), NodeError> {
-        let bytes = encode(state).expect("an envelope always encodes");
-        let bucket = bucket_of(key.as_str());
-        let old_hash = previous.map_or(0, |old| entry_hash(key.as_str(), old));
-        let new_hash = entry_hash(key.as_str(), &bytes);
-        let batch = Batch::new()
-            .put(store_key(key), bytes)
-            .put(index_key(bucket, key.as_str()), new_hash.to_le_bytes().to_vec());
-        self.store.apply(batch)?;
-        self.digest.replace(bucket, old_hash, new_hash);
+    /// Applies a planned write of one key (its rows and its digest entry, one
+    /// batch), then moves the in-memory digest and live-bytes count. Called
+    /// under the key's lock.
+    fn write(&self, bucket: u16, plan: delta_log::Write) -> Result<(), NodeError> {
+        self.store.apply(plan.batch)?;
+        self.digest.replace(bucket, plan.old_hash, plan.new_hash);
+        // Under the key's lock this key's share moves by exactly this much.
+        self.live_bytes.fetch_add(plan.new_row_bytes, Ordering::Relaxed);
+        self.live_bytes.fetch_sub(plan.old_row_bytes, Ordering::Relaxed);
         Ok(())
     }
 
@@ -302,9 +328,8 @@ impl Node {
         let rows = self.store.scan_prefix(&prefix, None, usize::MAX)?;
         rows.iter()
             .map(|(index_key, value)| {
-                let (_, hash) = parse_index_entry(index_key, value)?;
-                let key = String::from_utf8_lossy(&index_key[prefix.len()..]).into_owned();
-                Ok((key, hash))
+                let entry = delta_log::parse_index_entry(index_key, value)?;
+                Ok((delta_log::index_entry_name(index_key), entry.hash))
             })
             .collect()
     }
@@ -392,27 +417,6 @@ pub fn execute(
 /// them.
 fn bounded_context(claimed: Option<&CausalContext>, state: &Value) -> CausalContext {
     claimed.map(|ctx| ctx.restricted_to(state.context())).unwrap_or_default()
-}
-
-fn store_key(key: &Key) -> Vec<u8> {
-    [DATA_PREFIX, key.as_str().as_bytes()].concat()
-}
-
-fn index_key(bucket: u16, key: &str) -> Vec<u8> {
-    [HASH_PREFIX, &bucket.to_be_bytes(), key.as_bytes()].concat()
-}
-
-/// The bucket and hash of a digest index entry.
-fn parse_index_entry(index_key: &[u8], value: &[u8]) -> Result<(u16, u64), NodeError> {
-    let corrupt =
-        || NodeError::CorruptIndex { entry: String::from_utf8_lossy(index_key).into_owned() };
-    let bucket = index_key.get(HASH_PREFIX.len()..HASH_PREFIX.len() + 2).ok_or_else(corrupt)?;
-    let bucket = u16::from_be_bytes([bucket[0], bucket[1]]);
-    let hash: [u8; 8] = value.try_into().map_err(|_| corrupt())?;
-    if usize::from(bucket) >= crate::replication::digest::BUCKETS {
-        return Err(corrupt());
-    }
-    Ok((bucket, u64::from_le_bytes(hash)))
 }
 
 /// Refuses an operation of type `wanted` on a key holding other types.

@@ -417,6 +417,9 @@ async fn metrics_show_request_counts_latency_quantiles_and_the_store() {
     }
     assert!(has(&format!(r#"calmkv_http_request_duration_seconds_count{{{kv}}} 4"#)), "{text}");
     assert!(value_of("calmkv_store_size_bytes") > 0.0);
+    let live = value_of("calmkv_store_live_bytes");
+    assert!(live > 0.0, "{text}");
+    assert_eq!(live, server.node().live_bytes() as f64);
     assert_eq!(value_of("calmkv_store_batches"), 3.0);
     // The metrics request itself is the one in flight.
     assert_eq!(value_of("calmkv_http_in_flight_requests"), 1.0);

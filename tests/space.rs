@@ -5,6 +5,12 @@
 //!   times the live value plus the engine's constant), and after a delete and
 //!   the engine's own background work (waited for under a deadline) under the
 //!   engine's constant ([`engine_constant_bytes`]);
+//! - a node's soak of register overwrites and set adds (through the delta
+//!   log) keeps the store directory under three times its live bytes plus the
+//!   engine's constant, once the engine's own compaction has run (waited for
+//!   under a deadline), and again after a reopen; live bytes are
+//!   `Node::live_bytes`, the rows the node keeps for its keys (bases, log rows,
+//!   digest entries; keys and values), checked against the values written;
 //! - a full disk is an ordinary error, on a real small file system (a tmpfs,
 //!   mounted by the test; it needs root, and says so and skips without it):
 //!   writes are refused with `StoreError::InsufficientStorage` and change
@@ -18,8 +24,11 @@
 #![cfg(unix)]
 
 use calmkv::store::{self, Batch, Durability, Engine, StoreError};
+use calmkv::{Action, CrdtOp, Key, Limits, Node, Op, SetOp};
+use calmkv_crdts::NodeId;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tmpfs::{available_bytes, write_ballast, Tmpfs, MIB};
 
@@ -179,6 +188,92 @@ fn redb_overwrites_and_a_delete_free_their_space() {
 #[ignore = "sled 0.34.7 keeps every overwritten value (about 301 MiB here); see docs/storage.md"]
 fn sled_overwrites_and_a_delete_free_their_space() {
     overwrites_and_a_delete_free_their_space(Engine::Sled);
+}
+
+/// Registers of the soak, each overwritten [`SOAK_OVERWRITES`] times with a
+/// value of [`SOAK_VALUE_BYTES`].
+const SOAK_REGISTERS: usize = 4;
+const SOAK_OVERWRITES: usize = 60;
+const SOAK_VALUE_BYTES: usize = 512 << 10;
+/// Sets of the soak, each given [`SOAK_SET_ADDS`] members one add at a time.
+const SOAK_SETS: usize = 10;
+const SOAK_SET_ADDS: usize = 300;
+
+fn key(name: &str) -> Key {
+    Key::new(name, &Limits::default()).unwrap()
+}
+
+fn soak_keeps_the_directory_within_three_times_the_live_bytes(engine: Engine) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("store");
+    let open = || {
+        let store = store::open(Some(engine), &dir, Durability::Sync).unwrap();
+        Node::open(NodeId(1), Arc::from(store), Limits::default()).unwrap()
+    };
+    let node = open();
+    // Random bytes made once per register; each overwrite changes its stamp.
+    let mut last: Vec<Vec<u8>> =
+        (0..SOAK_REGISTERS).map(|r| random_value(SOAK_VALUE_BYTES, r as u64)).collect();
+    for round in 0..SOAK_OVERWRITES {
+        for (r, value) in last.iter_mut().enumerate() {
+            let k = key(&format!("reg/{r}"));
+            value[..8].copy_from_slice(&((round * SOAK_REGISTERS + r) as u64).to_le_bytes());
+            let context = node.read(&k).unwrap().map(|read| read.context);
+            let put = Action::Put { value: value.clone().into(), context, if_absent: false };
+            node.apply(&Op { key: k, action: put }).unwrap();
+        }
+        for s in 0..SOAK_SETS {
+            for i in 0..SOAK_SET_ADDS / SOAK_OVERWRITES {
+                let member = format!("member-{round:03}-{i}");
+                let op = SetOp { add: vec![member], remove: vec![] };
+                let k = key(&format!("set/{s}"));
+                node.apply(&Op { key: k, action: Action::Crdt(CrdtOp::Set(op)) }).unwrap();
+            }
+        }
+    }
+    node.flush().unwrap();
+    let live = node.live_bytes();
+    let values = (SOAK_REGISTERS * SOAK_VALUE_BYTES) as u64;
+    assert!(live >= values, "{engine}: {live} live bytes for {values} bytes of values");
+    assert!(live < values + values / 8, "{engine}: {live} live bytes for {values} of values");
+    let written = (SOAK_REGISTERS * SOAK_OVERWRITES * SOAK_VALUE_BYTES) as u64;
+    let bound = 3 * live + engine_constant_bytes(engine);
+    assert!(written > bound, "the soak writes past its bound");
+    let at_once = allocated_bytes(&dir);
+    let settled = settle(&dir, bound);
+    let files = listing(&dir);
+    for (r, value) in last.iter().enumerate() {
+        let read = node.read(&key(&format!("reg/{r}"))).unwrap().unwrap();
+        assert_eq!(read.values, [calmkv::TypedValue::Register(vec![value.clone().into()])]);
+    }
+    drop(node);
+    let node = open();
+    assert_eq!(node.live_bytes(), live, "{engine}: live bytes are exact after a reopen");
+    let set = node.envelope(&key("set/0")).unwrap().value.set();
+    assert_eq!(set.len(), SOAK_SET_ADDS);
+    let reopened = settle(&dir, bound);
+    println!(
+        "{engine}: soak wrote {} MiB; live {:.1} MiB; directory {:.1} MiB at once, {:.1} MiB \
+         settled, {:.1} MiB after a reopen (bound {:.1} MiB)",
+        written / MIB,
+        live as f64 / MIB as f64,
+        at_once as f64 / MIB as f64,
+        settled as f64 / MIB as f64,
+        reopened as f64 / MIB as f64,
+        bound as f64 / MIB as f64,
+    );
+    assert!(settled <= bound, "{engine}: {settled} bytes, bound {bound}:\n{files}");
+    assert!(reopened <= bound, "{engine}: {reopened} bytes after a reopen:\n{}", listing(&dir));
+}
+
+#[test]
+fn fjall_soak_stays_within_three_times_the_live_bytes() {
+    soak_keeps_the_directory_within_three_times_the_live_bytes(Engine::Fjall);
+}
+
+#[test]
+fn redb_soak_stays_within_three_times_the_live_bytes() {
+    soak_keeps_the_directory_within_three_times_the_live_bytes(Engine::Redb);
 }
 
 /// The tmpfs's size.

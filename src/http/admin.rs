@@ -169,6 +169,12 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Result<Response, A
     };
     let mut gauges = store.gauges();
     gauges.push((
+        "calmkv_store_live_bytes",
+        "Bytes of the rows the node keeps for its keys (bases, delta logs, digest index; keys \
+         and values), beside calmkv_store_size_bytes on disk.",
+        state.node().live_bytes() as f64,
+    ));
+    gauges.push((
         "calmkv_http_in_flight_requests",
         "HTTP requests being served (this one included), bounded by the in-flight limit.",
         state.in_flight_requests() as f64,

@@ -145,8 +145,12 @@ pub fn open_reserving(
 ) -> Result<Box<dyn Store>, StoreError> {
     let durability = durability.validate()?;
     let mut legacy = false;
+    let mut older_format = false;
     let chosen = match marker::read(dir)? {
-        Some(found) => check(dir, found.engine, engine)?,
+        Some(found) => {
+            older_format = found.format < marker::STORE_FORMAT_VERSION;
+            check(dir, found.engine, engine)?
+        }
         None => match unmarked(dir)? {
             Unmarked::Empty => {
                 let new = engine.unwrap_or_default();
@@ -183,6 +187,11 @@ pub fn open_reserving(
     if legacy {
         let created = marker::create(dir, Marker::current(Engine::Sled))?;
         check(dir, created.engine, Some(Engine::Sled))?;
+    }
+    if older_format {
+        // Before anything is written in this build's format: from here on an
+        // older build refuses the directory instead of misreading it.
+        marker::upgrade(dir, Marker::current(chosen))?;
     }
     Ok(Box::new(guard))
 }
@@ -288,18 +297,33 @@ mod tests {
     fn a_newer_format_is_refused_and_changes_nothing_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         drop(open(Some(Engine::Fjall), dir.path(), Durability::Sync).unwrap());
-        let newer = "calmkv store\nformat 2\nengine fjall\n";
+        let newer = "calmkv store\nformat 3\nengine fjall\n";
         std::fs::write(dir.path().join(marker::STORE_MARKER_FILE), newer).unwrap();
         let before = snapshot(dir.path());
         for engine in Engine::ALL {
             let result = open(Some(engine), dir.path(), Durability::Sync);
             assert!(
-                matches!(result, Err(StoreError::UnsupportedFormat { found: 2, supported: 1, .. })),
+                matches!(result, Err(StoreError::UnsupportedFormat { found: 3, supported: 2, .. })),
                 "{engine}: {:?}",
                 result.err()
             );
         }
         assert_eq!(snapshot(dir.path()), before);
+    }
+
+    #[test]
+    fn a_format_1_directory_opens_and_its_marker_is_raised() {
+        for engine in Engine::FOR_NEW_STORES {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(Some(engine), dir.path(), Durability::Sync).unwrap();
+            store.apply(Batch::new().put("k", "v")).unwrap();
+            drop(store);
+            let v1 = format!("calmkv store\nformat 1\nengine {engine}\n");
+            std::fs::write(dir.path().join(marker::STORE_MARKER_FILE), v1).unwrap();
+            let store = open(None, dir.path(), Durability::Sync).unwrap();
+            assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()), "{engine}");
+            assert_eq!(marker::read(dir.path()).unwrap(), Some(Marker::current(engine)));
+        }
     }
 
     /// A sled directory as calmkv wrote it before markers: made by the sled

@@ -6,16 +6,23 @@
 //!
 //! ```text
 //! calmkv store
-//! format 1
+//! format 2
 //! engine fjall
 //! ```
 //!
 //! It is created once, before the engine writes anything, atomically and
 //! durably (a temporary file, fsynced, hard-linked to its name — which fails if
 //! the name exists, so two processes starting at once agree on one marker —
-//! then the directory fsynced), and never rewritten. The format line comes
+//! then the directory fsynced). It is rewritten only to raise an older format
+//! to this build's ([`upgrade`]), atomically too (a rename over it), after the
+//! engine opened and before anything is written. The format line comes
 //! before the engine line, so a newer format is recognised as such even if it
 //! names an engine this build does not know.
+//!
+//! Formats: 1 kept each key's whole envelope in one row; 2 adds the per-key
+//! delta log and a longer digest index entry (`node/delta_log.rs`). A format-2
+//! build reads format-1 rows as they are, so the upgrade moves no data; a
+//! format-1 build would misread a format-2 directory, so it must refuse it.
 
 use super::{Engine, StoreError};
 use std::io::{ErrorKind, Read, Write};
@@ -26,7 +33,7 @@ pub const STORE_MARKER_FILE: &str = "calmkv-store";
 
 /// The format of calmkv's store that this build writes and reads. A directory
 /// of a newer format is refused ([`StoreError::UnsupportedFormat`]).
-pub const STORE_FORMAT_VERSION: u32 = 1;
+pub const STORE_FORMAT_VERSION: u32 = 2;
 
 /// The first line of every marker.
 const MAGIC: &str = "calmkv store";
@@ -139,6 +146,31 @@ pub(crate) fn create(dir: &Path, marker: Marker) -> Result<Marker, StoreError> {
     Ok(marker)
 }
 
+/// Raises the marker of `dir` to `marker` (same engine, this build's format):
+/// a temporary file, fsynced, renamed over the marker, the directory fsynced.
+/// A crash leaves the old marker or the new one, never neither.
+pub(crate) fn upgrade(dir: &Path, marker: Marker) -> Result<(), StoreError> {
+    let path = dir.join(STORE_MARKER_FILE);
+    let unique: u64 = rand::random();
+    let temp = dir.join(format!("{STORE_MARKER_FILE}.{}.{unique:016x}.tmp", std::process::id()));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    let written = std::fs::File::create_new(&temp)
+        .and_then(|mut file| {
+            file.write_all(marker.encode().as_bytes())?;
+            file.sync_all()
+        })
+        .map_err(io(&temp))
+        .and_then(|()| std::fs::rename(&temp, &path).map_err(io(&path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,26 +181,40 @@ mod tests {
 
     /// Stored samples of every format this build reads.
     #[test]
-    fn format_1_markers_decode() {
-        for (text, engine) in [
-            ("calmkv store\nformat 1\nengine sled\n", Engine::Sled),
-            ("calmkv store\nformat 1\nengine fjall\n", Engine::Fjall),
-            ("calmkv store\nformat 1\nengine redb\n", Engine::Redb),
+    fn format_1_and_2_markers_decode() {
+        for (text, format, engine) in [
+            ("calmkv store\nformat 1\nengine sled\n", 1, Engine::Sled),
+            ("calmkv store\nformat 1\nengine fjall\n", 1, Engine::Fjall),
+            ("calmkv store\nformat 1\nengine redb\n", 1, Engine::Redb),
+            ("calmkv store\nformat 2\nengine sled\n", 2, Engine::Sled),
+            ("calmkv store\nformat 2\nengine fjall\n", 2, Engine::Fjall),
+            ("calmkv store\nformat 2\nengine redb\n", 2, Engine::Redb),
         ] {
             let marker = decode(text.as_bytes()).unwrap();
-            assert_eq!(marker, Marker { format: 1, engine });
+            assert_eq!(marker, Marker { format, engine });
             assert_eq!(marker.encode(), text, "encoding is the inverse");
         }
     }
 
     #[test]
+    fn upgrade_replaces_the_marker_and_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        create(dir.path(), Marker { format: 1, engine: Engine::Redb }).unwrap();
+        upgrade(dir.path(), Marker::current(Engine::Redb)).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Some(Marker::current(Engine::Redb)));
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [STORE_MARKER_FILE]);
+    }
+
+    #[test]
     fn a_newer_format_is_unsupported_whatever_follows() {
         for text in
-            ["calmkv store\nformat 2\nengine sled\n", "calmkv store\nformat 7\nengine lmdb\n"]
+            ["calmkv store\nformat 3\nengine sled\n", "calmkv store\nformat 7\nengine lmdb\n"]
         {
             let result = decode(text.as_bytes());
             assert!(
-                matches!(result, Err(StoreError::UnsupportedFormat { found, supported: 1, .. }) if found > 1),
+                matches!(result, Err(StoreError::UnsupportedFormat { found, supported: 2, .. }) if found > 2),
                 "{text:?}: {result:?}"
             );
         }

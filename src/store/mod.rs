@@ -8,6 +8,8 @@
 //!
 //! - `durability.rs`: the [`Durability`] modes and what each can lose.
 //! - `group_commit.rs`: many `Sync` writers, one flush (engine-independent).
+//! - `counting.rs`: [`CountingStore`], which counts the bytes handed to an
+//!   engine.
 //! - `commit_policy.rs`: the durability modes over group commit, for engines
 //!   whose flush is one call (fjall, redb).
 //! - `sled_engine.rs`: [`SledStore`], the only file that names sled.
@@ -23,6 +25,7 @@
 //! - `node_id.rs`: the node id file.
 
 mod commit_policy;
+mod counting;
 mod durability;
 mod engine;
 mod faulty;
@@ -35,6 +38,7 @@ mod redb_engine;
 mod sled_engine;
 mod space;
 
+pub use counting::{CountingStore, WriteCounts};
 pub use durability::{
     Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, NONE_UNFLUSHED_BATCHES_MAX,
     UNFLUSHED_BATCHES_MAX,
@@ -295,6 +299,35 @@ pub trait Store: Send + Sync {
     /// write holds.
     fn writable(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+/// A boxed store (what [`open`] returns) is a store, so wrappers such as
+/// [`CountingStore`] take one.
+impl Store for Box<dyn Store> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get(key)
+    }
+
+    fn scan_prefix(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        (**self).scan_prefix(prefix, start_after, limit)
+    }
+
+    fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        (**self).apply(batch)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        (**self).flush()
+    }
+
+    fn stats(&self) -> Result<StoreStats, StoreError> {
+        (**self).stats()
     }
 }
 
