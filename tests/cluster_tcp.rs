@@ -9,7 +9,7 @@ use calmkv::replication::handshake::Hello;
 use calmkv::replication::harvest::Consistency;
 use calmkv::replication::message::PeerMessage;
 use calmkv::replication::outbox::OUTBOX_BYTES_MAX;
-use calmkv::replication::peer::{Peer, PeerChannel};
+use calmkv::replication::peer::{Peer, PeerChannel, PeerSettings};
 use calmkv::{Action, Config, CounterOp, CrdtOp, Key, Limits, Node, Op, TypedValue};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -29,10 +29,14 @@ struct TestNode {
 
 impl TestNode {
     async fn start(secret: Option<ClusterSecret>) -> TestNode {
+        TestNode::start_with(secret, PeerSettings::default()).await
+    }
+
+    async fn start_with(secret: Option<ClusterSecret>, settings: PeerSettings) -> TestNode {
         let node = Arc::new(Config::in_memory().open_node().unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let channel = PeerChannel::new(node, secret, OUTBOX_BYTES_MAX);
+        let channel = PeerChannel::with_settings(node, secret, OUTBOX_BYTES_MAX, settings);
         let serve = tokio::spawn(channel.clone().serve(listener));
         TestNode { cluster: Arc::new(Cluster::new(channel)), addr, serve: Some(serve) }
     }
@@ -200,7 +204,7 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\x00\x00\x00\x05hello".to_vec()),
         ("oversized length", u32::MAX.to_be_bytes().to_vec()),
-        ("truncated hello", b"CKVP\x02".to_vec()),
+        ("truncated hello", b"CKVP\x03".to_vec()),
         ("a frame instead of a handshake", encode_frame(&deltas, None).unwrap()),
         ("a frame tagged with another secret", encode_frame(&deltas, Some(&wrong)).unwrap()),
         ("a hello claiming an id, with a forged proof", claimed),
@@ -215,3 +219,150 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     nodes[1].cluster.write(incr("ok", 1), WriteQuorum::All, DEADLINE).await.unwrap();
     assert_eq!(target.counter("ok"), Some(1));
 }
+
+/// A TCP proxy on loopback whose open connections can be frozen: they stop
+/// forwarding in both directions but stay open, as a connection does whose
+/// path went away (a cut, a dead switch) without either end closing it.
+/// Connections opened after a freeze are forwarded normally.
+struct StallingProxy {
+    addr: SocketAddr,
+    frozen: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    task: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(target: SocketAddr) -> StallingProxy {
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let task = tokio::spawn({
+            let frozen = frozen.clone();
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else { continue };
+                    let flag = Arc::new(AtomicBool::new(false));
+                    frozen.lock().unwrap().push(flag.clone());
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(pump(client_read, server_write, flag.clone()));
+                    tokio::spawn(pump(server_read, client_write, flag));
+                }
+            }
+        });
+        StallingProxy { addr, frozen, task }
+    }
+
+    /// Freezes every connection open now.
+    fn freeze(&self) -> usize {
+        let frozen = self.frozen.lock().unwrap();
+        for flag in frozen.iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        frozen.len()
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies bytes until `frozen`, then holds both ends open forever.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            () = wait_until_frozen(&frozen) => break,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) || to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    // Frozen: neither forward nor close, until the test ends.
+    std::future::pending::<()>().await;
+    drop((from, to));
+}
+
+async fn wait_until_frozen(frozen: &std::sync::atomic::AtomicBool) {
+    while !frozen.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A connection that stops carrying bytes without closing is noticed by its
+/// heartbeat, dropped and dialed again; the new connection opens with an
+/// anti-entropy round, so a write that went into the stalled connection
+/// reaches the peer soon after — with no periodic anti-entropy running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_is_detected_redialed_and_repaired() {
+    let settings = PeerSettings {
+        heartbeat_interval: Duration::from_millis(50),
+        heartbeat_timeout: Duration::from_millis(300),
+        ..PeerSettings::default()
+    };
+    let a = TestNode::start_with(None, settings).await;
+    let b = TestNode::start_with(None, settings).await;
+    let proxy = StallingProxy::start(b.addr).await;
+    // a reaches b only through the proxy; b reaches a directly.
+    a.cluster.channel().set_peers(vec![Peer { id: b.node().id(), addr: proxy.addr }]);
+    b.cluster.channel().set_peers(vec![a.peer()]);
+    a.cluster.write(incr("s", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    assert_eq!(b.counter("s"), Some(1));
+    let connects = a.cluster.channel().metrics().connects.load(Ordering::Relaxed);
+
+    assert_eq!(proxy.freeze(), 1, "one connection from a to b through the proxy");
+    let started = tokio::time::Instant::now();
+    // Sent into the frozen connection: lost with it.
+    a.cluster.write(incr("s", 1), WriteQuorum::One, DEADLINE).await.unwrap();
+    eventually("b sees the write made while the connection was stalled", || {
+        b.counter("s") == Some(2)
+    })
+    .await;
+    let took = started.elapsed();
+    let metrics = a.cluster.channel().metrics();
+    assert!(metrics.connections_stalled.load(Ordering::Relaxed) >= 1);
+    assert!(metrics.connects.load(Ordering::Relaxed) > connects, "a dialed b again");
+    assert!(took < Duration::from_secs(3), "noticed and repaired in {took:?}");
+    // And the new connection carries deltas again, without anti-entropy.
+    a.cluster.write(incr("s", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    assert_eq!(b.counter("s"), Some(3));
+}
+
+/// Without heartbeats from the dialer, an accepted connection is closed after
+/// the heartbeat timeout; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_connection_that_falls_silent_is_closed() {
+    let settings = PeerSettings {
+        heartbeat_interval: Duration::from_millis(50),
+        heartbeat_timeout: Duration::from_millis(300),
+        ..PeerSettings::default()
+    };
+    let target = TestNode::start_with(None, settings).await;
+    let mut stream = TcpStream::connect(target.addr).await.unwrap();
+    let own = calmkv_crdts::NodeId(77);
+    calmkv::replication::handshake::dial(&mut stream, None, own, None, DEADLINE).await.unwrap();
+    let metrics = target.cluster.channel().metrics();
+    eventually("the silent connection is counted and closed", || {
+        metrics.connections_stalled.load(Ordering::Relaxed) == 1
+            && metrics.inbound_connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let mut byte = [0u8; 1];
+    let read =
+        tokio::time::timeout(DEADLINE, tokio::io::AsyncReadExt::read(&mut stream, &mut byte));
+    assert_eq!(read.await.unwrap().unwrap(), 0, "closed by the acceptor");
+}
+

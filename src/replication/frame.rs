@@ -183,6 +183,11 @@ pub enum FrameError {
     /// The tag does not verify under the cluster secret.
     #[error("frame failed authentication")]
     BadTag,
+    /// Nothing arrived on the connection within its heartbeat timeout (its
+    /// other end is gone or stalled); not a bad frame, but the connection is
+    /// closed all the same.
+    #[error("no frame within the heartbeat timeout")]
+    Silent,
     /// The body is not a valid message.
     #[error("malformed frame body: {reason}")]
     Malformed {

@@ -31,6 +31,10 @@ pub enum PeerMessage {
         /// The key.
         key: String,
     },
+    /// A dialer's heartbeat: the acceptor answers with one byte on the same
+    /// connection (see `peer.rs`), so each end can tell a live connection
+    /// from a stalled one.
+    Ping,
     /// A key's state (empty when the key was never written).
     ReadReply {
         /// The `id` of the read.

@@ -17,7 +17,10 @@
 //! reconnects replaces its old connection).
 //!
 //! A peer's traffic waits in its [`Outbox`]; the dialing task drains it and
-//! reconnects with backoff when the connection breaks. Frames lost with a broken
+//! reconnects with backoff when the connection breaks or falls silent (the
+//! dialer pings, the acceptor answers each ping with one byte, and either end
+//! drops a connection that stays silent for [`PeerSettings::heartbeat_timeout`]).
+//! Every new connection opens with an anti-entropy round. Frames lost with a broken
 //! connection, or dropped by a full outbox, are repaired by anti-entropy. A bad
 //! frame (oversized, unauthenticated, malformed) closes the connection it came on
 //! and is counted; the node keeps serving. A frame's body is read as its bytes
@@ -44,7 +47,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -67,6 +70,15 @@ pub const HANDSHAKES_MAX: usize = 64;
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// Least time between two log lines about refused handshakes.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Default time between two pings a dialer sends on an established connection.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time a connection may go without sign of life from its other end
+/// (a pong for the dialer, any frame for the acceptor) before it is dropped;
+/// also the longest a single frame write may take.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The byte an acceptor writes back for every [`PeerMessage::Ping`]: the only
+/// thing it ever writes after the handshake.
+pub const PONG: u8 = 0x50;
 
 /// Bounds of the peer channel's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +89,12 @@ pub struct PeerSettings {
     pub handshakes_max: usize,
     /// Authenticated inbound connections at once.
     pub inbound_connections_max: usize,
+    /// Time between the pings a dialer sends.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a connection is taken for dead and dropped (the
+    /// dialer then reconnects); also the bound on writing one frame. Must be
+    /// longer than `heartbeat_interval`.
+    pub heartbeat_timeout: Duration,
 }
 
 impl Default for PeerSettings {
@@ -85,6 +103,8 @@ impl Default for PeerSettings {
             handshake_timeout: handshake::HANDSHAKE_TIMEOUT,
             handshakes_max: HANDSHAKES_MAX,
             inbound_connections_max: INBOUND_CONNECTIONS_MAX,
+            heartbeat_interval: HEARTBEAT_INTERVAL,
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
         }
     }
 }
@@ -121,6 +141,9 @@ pub struct PeerMetrics {
     pub keys_repaired: AtomicU64,
     /// Connections (re)established to peers.
     pub connects: AtomicU64,
+    /// Connections dropped because their other end fell silent (no pong, no
+    /// frame, or a write that did not finish within the heartbeat timeout).
+    pub connections_stalled: AtomicU64,
     /// Handshakes completed, either direction.
     pub handshakes: AtomicU64,
     /// Handshakes refused or abandoned, by [`RefusalKind`] (either direction).
@@ -297,6 +320,11 @@ impl PeerMetrics {
                 "Connections established to peers.",
                 get(&self.connects),
             ),
+            (
+                "calmkv_peer_connections_stalled_total",
+                "Peer connections dropped because the other end fell silent.",
+                get(&self.connections_stalled),
+            ),
         ]
     }
 }
@@ -365,6 +393,8 @@ impl Drop for SlotGuard<'_> {
 
 struct Link {
     outbox: Arc<Outbox>,
+    /// Tells the dialing task to drop its connection and dial again now.
+    redial: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -456,8 +486,10 @@ impl PeerChannel {
                 continue;
             }
             let outbox = Arc::new(Outbox::new(self.outbox_bytes_max));
-            let task = tokio::spawn(self.clone().dial(peer.clone(), outbox.clone()));
-            links.insert(peer.id, (peer, Link { outbox, task }));
+            let redial = Arc::new(Notify::new());
+            let task =
+                tokio::spawn(self.clone().dial(peer.clone(), outbox.clone(), redial.clone()));
+            links.insert(peer.id, (peer, Link { outbox, redial, task }));
         }
     }
 
@@ -522,6 +554,18 @@ impl PeerChannel {
         if let Some(waiter) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
             let _ = waiter.send((from, message));
         }
+    }
+
+    /// A peer is back (membership saw it come up): drops the connection to
+    /// it, which may be one that lived through an outage and sits in TCP
+    /// retransmission backoff, and dials it at once. Every new connection
+    /// opens with an anti-entropy round, so the peer is repaired right away.
+    /// `false` when the peer is unknown.
+    pub fn redial(&self, peer: NodeId) -> bool {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, link)) = links.get(&peer) else { return false };
+        link.redial.notify_one();
+        true
     }
 
     /// Starts an anti-entropy round with `peer`.
@@ -627,32 +671,47 @@ impl PeerChannel {
             }
             guard.peer = Some(peer);
         }
-        let read = self.read_frames(&mut stream, peer, established.session.as_ref());
+        let (mut reader, mut writer) = stream.split();
+        let session = established.session.as_ref();
+        let read = self.read_frames(&mut reader, &mut writer, peer, session);
         let result = tokio::select! {
             result = read => result,
             _ = close.notified() => Ok(()),
         };
-        if let Err(error) = result {
-            self.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%remote, %peer, %error, "closing peer connection after a bad frame");
+        match result {
+            Ok(()) => {}
+            Err(FrameError::Silent) => {
+                self.metrics.connections_stalled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%remote, %peer, "closing a silent peer connection");
+            }
+            Err(error) => {
+                self.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%remote, %peer, %error, "closing peer connection after a bad frame");
+            }
         }
         drop(guard);
     }
 
-    /// Reads and dispatches frames from `peer` until the connection closes or a
-    /// frame is refused.
-    async fn read_frames<S: AsyncRead + Unpin>(
+    /// Reads and dispatches frames from `peer` until the connection closes, a
+    /// frame is refused, or nothing arrives for the heartbeat timeout (the
+    /// dialer pings more often than that). Every [`PeerMessage::Ping`] is
+    /// answered with one [`PONG`] byte on `pongs`.
+    async fn read_frames<S: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
+        pongs: &mut W,
         peer: NodeId,
         session: Option<&SessionKey>,
     ) -> Result<(), FrameError> {
         let tag_bytes = if session.is_some() { TAG_BYTES } else { 0 };
+        let idle = self.settings.heartbeat_timeout;
         let mut seq = 0u64;
         loop {
             let mut prefix = [0u8; 4];
-            if stream.read_exact(&mut prefix).await.is_err() {
-                return Ok(()); // closed
+            match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
+                Err(_) => return Err(FrameError::Silent),
+                Ok(Err(_)) => return Ok(()), // closed
+                Ok(Ok(_)) => {}
             }
             let len = frame_len(prefix)?;
             if len < 1 + tag_bytes {
@@ -661,7 +720,7 @@ impl PeerChannel {
             let message = {
                 let mut buffered =
                     Buffered { gauge: &self.metrics.inbound_buffered_bytes, held: 0 };
-                let mut body = read_body(stream, len, &mut buffered).await?;
+                let mut body = read_body(stream, len, &mut buffered, idle).await?;
                 if let Some(session) = session {
                     if !session.open(seq, &mut body) {
                         return Err(FrameError::BadTag);
@@ -672,6 +731,13 @@ impl PeerChannel {
             seq += 1;
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
             self.metrics.bytes_received.fetch_add(len as u64 + 4, Ordering::Relaxed);
+            if message == PeerMessage::Ping {
+                match tokio::time::timeout(idle, pongs.write_all(&[PONG])).await {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(_)) => return Ok(()), // closed
+                    Err(_) => return Err(FrameError::Silent),
+                }
+            }
             self.dispatch(peer, message).await;
         }
     }
@@ -738,7 +804,7 @@ impl PeerChannel {
         }
     }
 
-    async fn dial(self: Arc<Self>, peer: Peer, outbox: Arc<Outbox>) {
+    async fn dial(self: Arc<Self>, peer: Peer, outbox: Arc<Outbox>, redial: Arc<Notify>) {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr)).await {
@@ -753,8 +819,17 @@ impl PeerChannel {
                             self.metrics.connects.fetch_add(1, Ordering::Relaxed);
                             self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                             let session = established.session.as_ref();
-                            if let Err(error) = self.write_frames(stream, &outbox, session).await {
-                                tracing::debug!(peer = %peer.id, %error, "peer connection broke");
+                            let written = self.write_frames(stream, &outbox, session, &redial);
+                            match written.await {
+                                Ok(()) => tracing::debug!(peer = %peer.id, "redialing peer"),
+                                Err(error) => {
+                                    if error.kind() == std::io::ErrorKind::TimedOut {
+                                        self.metrics
+                                            .connections_stalled
+                                            .fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    tracing::debug!(peer = %peer.id, %error, "peer connection broke");
+                                }
                             }
                         }
                         Err(error) => self.metrics.refuse_handshake(peer.addr, "dialed", &error),
@@ -763,48 +838,96 @@ impl PeerChannel {
                 Ok(Err(error)) => tracing::debug!(peer = %peer.id, %error, "cannot reach peer"),
                 Err(_) => tracing::debug!(peer = %peer.id, "connecting timed out"),
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = redial.notified() => backoff = RECONNECT_BACKOFF_MIN,
+            }
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
     }
 
     /// Drains the outbox onto an established connection, sealing each frame
-    /// under the session key and its sequence number. The acceptor never
-    /// writes after the handshake, so anything readable on `stream` means it
-    /// closed the connection (say, after refusing a frame): the dialer then
-    /// reconnects at once instead of writing into a dead socket.
+    /// under the session key and its sequence number, until the connection
+    /// breaks or falls silent (an error) or `redial` is notified (`Ok`).
+    ///
+    /// The connection opens with an anti-entropy round, ahead of whatever
+    /// waits in the outbox: a new connection follows an outage, a restart or a
+    /// stalled predecessor whose frames were lost, and the round repairs them
+    /// now rather than at the next periodic round. Then a
+    /// [`PeerMessage::Ping`] goes out every heartbeat interval; the acceptor
+    /// answers each with one [`PONG`] byte, the only bytes it ever writes, and
+    /// a connection that hears nothing for the heartbeat timeout, or cannot
+    /// write a frame within it, is taken for dead (`TimedOut`). End of stream
+    /// or any other byte means the acceptor closed the connection (say, after
+    /// refusing a frame), and the dialer reconnects at once instead of writing
+    /// into a dead socket.
     async fn write_frames(
         &self,
         stream: TcpStream,
         outbox: &Outbox,
         session: Option<&SessionKey>,
+        redial: &Notify,
     ) -> std::io::Result<()> {
         let (mut reader, writer) = stream.into_split();
-        let mut writer = BufWriter::new(writer);
-        let mut seq = 0u64;
-        let mut probe = [0u8; 1];
+        let mut writer = Writer { inner: BufWriter::new(writer), seq: 0, session };
+        let timeout = self.settings.heartbeat_timeout;
+        let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer fell silent");
+        let mut heard = Instant::now();
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pongs = [0u8; 64];
+        self.metrics.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
+        let round = encode_body(&PeerMessage::AntiEntropy(anti_entropy::start(&self.node)))
+            .map_err(std::io::Error::other)?;
+        let mut batch = vec![round];
         loop {
+            for body in batch.drain(..) {
+                let sent = tokio::time::timeout(timeout, writer.write(body))
+                    .await
+                    .map_err(|_| stalled())??;
+                self.metrics.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+            }
+            tokio::time::timeout(timeout, writer.inner.flush()).await.map_err(|_| stalled())??;
             tokio::select! {
-                () = outbox.ready() => {}
-                _ = reader.read(&mut probe) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the peer closed the connection",
-                    ));
+                () = outbox.ready() => batch = outbox.take(WRITE_BATCH_BYTES),
+                read = reader.read(&mut pongs) => match read {
+                    Ok(n) if n > 0 && pongs[..n].iter().all(|b| *b == PONG) => heard = Instant::now(),
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the peer closed the connection",
+                        ));
+                    }
+                },
+                _ = heartbeat.tick() => {
+                    if heard.elapsed() > timeout {
+                        return Err(stalled());
+                    }
+                    batch.push(encode_body(&PeerMessage::Ping).map_err(std::io::Error::other)?);
                 }
+                () = redial.notified() => return Ok(()),
             }
-            for mut body in outbox.take(WRITE_BATCH_BYTES) {
-                if let Some(session) = session {
-                    session.seal(seq, &mut body);
-                }
-                let len = body.len();
-                writer.write_all(&(len as u32).to_be_bytes()).await?;
-                writer.write_all(&body).await?;
-                seq += 1;
-                self.metrics.bytes_sent.fetch_add(len as u64 + 4, Ordering::Relaxed);
-            }
-            writer.flush().await?;
         }
+    }
+}
+
+/// The writing half of a dialed connection: frames sealed in sequence.
+struct Writer<'a> {
+    inner: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    seq: u64,
+    session: Option<&'a SessionKey>,
+}
+
+impl Writer<'_> {
+    /// Writes one frame; returns the bytes it took on the wire.
+    async fn write(&mut self, mut body: Vec<u8>) -> std::io::Result<usize> {
+        if let Some(session) = self.session {
+            session.seal(self.seq, &mut body);
+        }
+        self.inner.write_all(&(body.len() as u32).to_be_bytes()).await?;
+        self.inner.write_all(&body).await?;
+        self.seq += 1;
+        Ok(body.len() + 4)
     }
 }
 
@@ -816,6 +939,7 @@ async fn read_body<S: AsyncRead + Unpin>(
     stream: &mut S,
     len: usize,
     buffered: &mut Buffered<'_>,
+    idle: Duration,
 ) -> Result<Vec<u8>, FrameError> {
     let mut body = Vec::new();
     while body.len() < len {
@@ -824,9 +948,10 @@ async fn read_body<S: AsyncRead + Unpin>(
         buffered.hold(body.capacity());
         let start = body.len();
         body.resize(start + want, 0);
-        match stream.read(&mut body[start..]).await {
-            Ok(0) | Err(_) => return Err(FrameError::Truncated),
-            Ok(n) => body.truncate(start + n),
+        match tokio::time::timeout(idle, stream.read(&mut body[start..])).await {
+            Err(_) => return Err(FrameError::Silent),
+            Ok(Ok(0) | Err(_)) => return Err(FrameError::Truncated),
+            Ok(Ok(n)) => body.truncate(start + n),
         }
     }
     Ok(body)
@@ -860,7 +985,7 @@ fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> O
             let state = node.envelope(&Key::new(key, node.limits())?)?;
             Ok(Some(PeerMessage::ReadReply { id, state }))
         }
-        PeerMessage::Acked { .. } | PeerMessage::ReadReply { .. } => Ok(None),
+        PeerMessage::Acked { .. } | PeerMessage::ReadReply { .. } | PeerMessage::Ping => Ok(None),
     })();
     result.unwrap_or_else(|error| {
         tracing::warn!(%error, "peer request failed");
