@@ -138,17 +138,17 @@ async fn w_all_waits_for_every_replica_and_says_when_one_is_missing() {
 async fn a_read_reports_its_harvest_and_refuses_below_min_harvest() {
     let mut nodes = cluster(3, None).await;
     nodes[0].cluster.write(incr("h", 1), WriteQuorum::All, DEADLINE).await.unwrap();
-    let all = nodes[1].cluster.read(&k("h"), Consistency::All, DEADLINE, 1.0).await.unwrap();
+    let all = nodes[1].cluster.read(&k("h"), Consistency::All, DEADLINE, Some(1.0)).await.unwrap();
     assert_eq!((all.harvest.answered, all.harvest.replicas), (3, 3));
     nodes[2].stop_listening();
     // Node 2 no longer answers: a quorum read still succeeds with harvest 2/3.
     let short = Duration::from_millis(300);
-    let quorum = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, 0.0).await.unwrap();
+    let quorum = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, None).await.unwrap();
     assert_eq!(quorum.harvest.header(), "0.67");
     assert_eq!(quorum.harvest.replicas_header(), "2/3");
-    let refused = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, 0.9).await;
+    let refused = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, Some(0.9)).await;
     assert!(matches!(refused, Err(ClusterError::InsufficientHarvest { .. })), "{refused:?}");
-    let refused = nodes[1].cluster.read(&k("h"), Consistency::All, short, 0.0).await;
+    let refused = nodes[1].cluster.read(&k("h"), Consistency::All, short, None).await;
     assert!(matches!(refused, Err(ClusterError::InsufficientHarvest { .. })), "{refused:?}");
 }
 
@@ -157,7 +157,7 @@ async fn a_quorum_read_repairs_a_stale_replica() {
     let nodes = cluster(3, None).await;
     // A write applied on node 0 alone, as if its deltas had been lost.
     nodes[0].node().apply(&incr("r", 4)).unwrap();
-    let read = nodes[1].cluster.read(&k("r"), Consistency::All, DEADLINE, 1.0).await.unwrap();
+    let read = nodes[1].cluster.read(&k("r"), Consistency::All, DEADLINE, None).await.unwrap();
     assert_eq!(read.state.value.counter().value(), 4);
     eventually("both stale replicas are repaired", || {
         nodes[1].counter("r") == Some(4) && nodes[2].counter("r") == Some(4)
@@ -366,3 +366,50 @@ async fn an_accepted_connection_that_falls_silent_is_closed() {
     assert_eq!(read.await.unwrap().unwrap(), 0, "closed by the acceptor");
 }
 
+/// With one replica unreachable, `one` and `quorum` answer as soon as their
+/// level is met instead of waiting out the deadline; `all` waits it out and
+/// refuses, saying what it gathered; `all&min_harvest=0.5` answers with the
+/// two replicas that arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answer_as_soon_as_their_level_is_met_with_a_replica_unreachable() {
+    let mut nodes = cluster(3, None).await;
+    nodes[0].cluster.write(incr("f", 3), WriteQuorum::All, DEADLINE).await.unwrap();
+    nodes[2].stop_listening();
+    let long = Duration::from_secs(5);
+    for (consistency, answered) in [(Consistency::One, 1), (Consistency::Quorum, 2)] {
+        let started = tokio::time::Instant::now();
+        let read = nodes[1].cluster.read(&k("f"), consistency, long, None).await.unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{consistency:?} took {took:?} of {long:?}");
+        assert_eq!(read.harvest.answered, answered, "{consistency:?}");
+        assert_eq!(read.state.value.counter().value(), 3);
+    }
+    let short = Duration::from_millis(300);
+    let started = tokio::time::Instant::now();
+    let refused = nodes[1].cluster.read(&k("f"), Consistency::All, short, None).await;
+    assert!(started.elapsed() >= short, "all waits for every replica or the deadline");
+    match refused {
+        Err(ClusterError::InsufficientHarvest { harvest }) => {
+            assert_eq!(harvest.replicas_header(), "2/3")
+        }
+        other => panic!("{other:?}"),
+    }
+    let half = nodes[1].cluster.read(&k("f"), Consistency::All, short, Some(0.5)).await.unwrap();
+    assert_eq!(half.harvest.replicas_header(), "2/3");
+    let refused = nodes[1].cluster.read(&k("f"), Consistency::All, short, Some(0.9)).await;
+    assert!(matches!(refused, Err(ClusterError::InsufficientHarvest { .. })), "{refused:?}");
+}
+
+/// `w=quorum` is acknowledged as soon as a majority stored the write, not at
+/// the deadline, when one replica is unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_write_is_acknowledged_at_the_majority_with_a_replica_unreachable() {
+    let mut nodes = cluster(3, None).await;
+    nodes[2].stop_listening();
+    let long = Duration::from_secs(5);
+    let started = tokio::time::Instant::now();
+    nodes[0].cluster.write(incr("q", 1), WriteQuorum::Quorum, long).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?} of {long:?}");
+    assert_eq!(nodes[1].counter("q"), Some(1), "acknowledged means stored");
+}

@@ -526,9 +526,21 @@ impl PeerChannel {
     /// queued for.
     pub fn replicate(&self, key: &str, delta: &Envelope, ack: Option<u64>) -> Vec<NodeId> {
         let message = PeerMessage::Deltas { deltas: vec![(key.to_string(), delta.clone())], ack };
-        let Ok(frame) = encode_body(&message) else { return vec![] };
         let peers: Vec<NodeId> = self.peers().iter().map(|p| p.id).collect();
-        peers.into_iter().filter(|id| self.send_frame(*id, frame.clone())).collect()
+        self.send_to_many(&peers, &message)
+    }
+
+    /// Queues one message for several peers, encoded once; returns the peers
+    /// it was queued for (not unknown, outbox not full).
+    pub fn send_to_many(&self, to: &[NodeId], message: &PeerMessage) -> Vec<NodeId> {
+        let frame = match encode_body(message) {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::warn!(%error, "message not sent");
+                return vec![];
+            }
+        };
+        to.iter().copied().filter(|id| self.send_frame(*id, frame.clone())).collect()
     }
 
     /// Registers a waiter for the answers with `id`, from any peer; call
