@@ -204,7 +204,7 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\x00\x00\x00\x05hello".to_vec()),
         ("oversized length", u32::MAX.to_be_bytes().to_vec()),
-        ("truncated hello", b"CKVP\x03".to_vec()),
+        ("truncated hello", b"CKVP\x04".to_vec()),
         ("a frame instead of a handshake", encode_frame(&deltas, None).unwrap()),
         ("a frame tagged with another secret", encode_frame(&deltas, Some(&wrong)).unwrap()),
         ("a hello claiming an id, with a forged proof", claimed),
@@ -412,4 +412,65 @@ async fn a_quorum_write_is_acknowledged_at_the_majority_with_a_replica_unreachab
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "took {took:?} of {long:?}");
     assert_eq!(nodes[1].counter("q"), Some(1), "acknowledged means stored");
+}
+
+fn put(key: &str, value: Vec<u8>) -> Op {
+    Op { key: k(key), action: Action::Put { value: value.into(), context: None, if_absent: false } }
+}
+
+/// A key whose state is twice a frame (8 siblings of 1 MiB) replicates to a
+/// node that joins later, in parts, without holding up the 300 small keys
+/// beside it, and reads at `consistency=all`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_larger_than_a_frame_replicates_to_a_new_node_without_holding_up_the_others() {
+    a_large_key_replicates_to_a_new_node(8).await;
+}
+
+/// The same with 64 siblings of 1 MiB, the largest register the limits allow
+/// (sixteen frames). Building that state takes most of a minute in a debug
+/// build, so it runs on demand: `cargo test --test cluster_tcp -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about a minute in a debug build; run with --ignored"]
+async fn a_64_mib_key_replicates_to_a_new_node_without_holding_up_the_others() {
+    a_large_key_replicates_to_a_new_node(64).await;
+}
+
+async fn a_large_key_replicates_to_a_new_node(siblings_wanted: usize) {
+    let old = TestNode::start(None).await;
+    for i in 0..siblings_wanted as u8 {
+        old.node().apply(&put("big", vec![i; 1 << 20])).unwrap(); // no context: a sibling
+    }
+    for i in 0..300 {
+        old.node().apply(&incr(&format!("small/{i}"), 1)).unwrap();
+    }
+    let siblings = |node: &Node| match node.read(&k("big")).unwrap() {
+        Some(read) => match read.values.as_slice() {
+            [TypedValue::Register(values)] => values.len(),
+            _ => 0,
+        },
+        None => 0,
+    };
+    assert_eq!(siblings(old.node()), siblings_wanted);
+    let new = TestNode::start(None).await;
+    new.cluster.channel().set_peers(vec![old.peer()]);
+    old.cluster.channel().set_peers(vec![new.peer()]);
+    let small_held = |node: &TestNode| {
+        (0..300).filter(|i| node.counter(&format!("small/{i}")) == Some(1)).count()
+    };
+    // Rounds at a modest pace: each may carry the large state again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while old.node().digest().top() != new.node().digest().top() {
+        assert!(tokio::time::Instant::now() < deadline, "the new node never caught up");
+        new.cluster.anti_entropy_round();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(small_held(&new), 300);
+    assert_eq!(siblings(new.node()), siblings_wanted);
+    // The old node's reply is larger than a frame too.
+    let read = new.cluster.read(&k("big"), Consistency::All, DEADLINE, None).await.unwrap();
+    assert_eq!(read.harvest.replicas_header(), "2/2");
+    assert_eq!(read.state.value.register().values().count(), siblings_wanted);
+    let metrics = new.cluster.channel().metrics();
+    assert_eq!(metrics.frames_refused.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "nothing left half-joined");
 }

@@ -2,7 +2,8 @@
 //!
 //! Local writes never wait for a peer. When a peer is slow or unreachable its
 //! outbox fills; past [`OUTBOX_BYTES_MAX`] new frames are dropped and counted,
-//! and anti-entropy repairs what they carried once the peer is back.
+//! and anti-entropy repairs what they carried once the peer is back. A message
+//! in several frames is queued or dropped whole.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,19 +55,25 @@ impl Outbox {
 
     /// Queues a frame, or drops it (and counts it) when it does not fit.
     pub fn push(&self, frame: Vec<u8>) -> Result<(), Dropped> {
+        self.push_all(vec![frame])
+    }
+
+    /// Queues the frames of one message back to back, or drops them all (and
+    /// counts them as one) when they do not fit. An empty outbox takes one
+    /// message larger than its bound, so the largest message the channel
+    /// carries (`PEER_MESSAGE_BYTES_MAX`, in parts) can always go once the
+    /// queue has drained: the outbox then holds at most that message.
+    pub fn push_all(&self, frames: Vec<Vec<u8>>) -> Result<(), Dropped> {
+        let bytes: usize = frames.iter().map(Vec::len).sum();
         {
             let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if queue.bytes + frame.len() > self.bytes_max {
+            if queue.bytes + bytes > self.bytes_max && !queue.frames.is_empty() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                self.dropped_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                return Err(Dropped {
-                    queued: queue.bytes,
-                    max: self.bytes_max,
-                    frame: frame.len(),
-                });
+                self.dropped_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                return Err(Dropped { queued: queue.bytes, max: self.bytes_max, frame: bytes });
             }
-            queue.bytes += frame.len();
-            queue.frames.push_back(frame);
+            queue.bytes += bytes;
+            queue.frames.extend(frames);
         }
         self.ready.notify_one();
         Ok(())
@@ -121,6 +128,16 @@ mod tests {
         outbox.push(vec![0; 4]).unwrap();
         assert_eq!(outbox.queued_bytes(), 10);
         assert_eq!(outbox.dropped(), (1, 5));
+    }
+
+    #[test]
+    fn a_message_in_parts_is_queued_whole_or_dropped_whole() {
+        let outbox = Outbox::new(10);
+        assert_eq!(outbox.push_all(vec![vec![0; 8], vec![0; 8]]), Ok(()), "empty: taken");
+        assert_eq!(outbox.queued_bytes(), 16);
+        let refused = outbox.push_all(vec![vec![1; 1], vec![1; 1]]);
+        assert_eq!(refused, Err(Dropped { queued: 16, max: 10, frame: 2 }));
+        assert_eq!(outbox.take(100), [vec![0; 8], vec![0; 8]]);
     }
 
     #[test]

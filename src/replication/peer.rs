@@ -33,7 +33,8 @@
 use super::admission;
 use super::anti_entropy::{self, AntiEntropy};
 use super::frame::{
-    decode_body, encode_body, frame_len, ClusterSecret, FrameError, SessionKey, TAG_BYTES,
+    decode_body, encode_body, encode_bounded, frame_len, ClusterSecret, FrameError, SessionKey,
+    TAG_BYTES,
 };
 use super::handshake::{self, HandshakeError, RefusalKind};
 use super::message::PeerMessage;
@@ -76,6 +77,21 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// (a pong for the dialer, any frame for the acceptor) before it is dropped;
 /// also the longest a single frame write may take.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes of a message body carried by one [`PeerMessage::Part`]; a body
+/// larger than this travels in parts.
+pub const PART_BYTES: usize = 1024 * 1024;
+/// The largest message body the channel carries, in parts: more than the
+/// largest register the limits allow (64 siblings of 1 MiB) with its context.
+/// A larger state (a set or map grown past it) is not sent and is counted in
+/// `messages_too_large`.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 160 * 1024 * 1024;
+/// Default bytes of messages being joined from their parts over every
+/// connection at once; a message that would cross it is read and discarded
+/// (counted in `messages_discarded`), and anti-entropy sends it again later.
+pub const ASSEMBLY_BYTES_MAX: usize = 256 * 1024 * 1024;
+const _: () = assert!(PART_BYTES + 64 + TAG_BYTES <= super::frame::PEER_FRAME_BYTES_MAX);
+const _: () = assert!(PEER_MESSAGE_BYTES_MAX <= ASSEMBLY_BYTES_MAX);
+
 /// The byte an acceptor writes back for every [`PeerMessage::Ping`]: the only
 /// thing it ever writes after the handshake.
 pub const PONG: u8 = 0x50;
@@ -95,6 +111,9 @@ pub struct PeerSettings {
     /// dialer then reconnects); also the bound on writing one frame. Must be
     /// longer than `heartbeat_interval`.
     pub heartbeat_timeout: Duration,
+    /// Bytes of messages being joined from their parts, over every
+    /// connection at once.
+    pub assembly_bytes_max: usize,
 }
 
 impl Default for PeerSettings {
@@ -105,6 +124,7 @@ impl Default for PeerSettings {
             inbound_connections_max: INBOUND_CONNECTIONS_MAX,
             heartbeat_interval: HEARTBEAT_INTERVAL,
             heartbeat_timeout: HEARTBEAT_TIMEOUT,
+            assembly_bytes_max: ASSEMBLY_BYTES_MAX,
         }
     }
 }
@@ -154,6 +174,13 @@ pub struct PeerMetrics {
     pub states_refused: AtomicU64,
     /// Gauge: bytes held in frame bodies still being read.
     pub inbound_buffered_bytes: AtomicU64,
+    /// Gauge: bytes held in messages being joined from their parts.
+    pub assembly_bytes: AtomicU64,
+    /// Messages in parts read and discarded: joining them would have crossed
+    /// the assembly budget.
+    pub messages_discarded: AtomicU64,
+    /// Messages not sent: their body exceeds [`PEER_MESSAGE_BYTES_MAX`].
+    pub messages_too_large: AtomicU64,
     /// Gauge: accepted connections still in their handshake.
     pub handshakes_pending: AtomicU64,
     /// Gauge: authenticated inbound connections.
@@ -263,6 +290,21 @@ impl PeerMetrics {
                 "calmkv_peer_inbound_buffered_bytes",
                 "Bytes held in peer frames still being read.",
                 get(&self.inbound_buffered_bytes),
+            ),
+            (
+                "calmkv_peer_assembly_bytes",
+                "Bytes held in peer messages being joined from their parts.",
+                get(&self.assembly_bytes),
+            ),
+            (
+                "calmkv_peer_messages_discarded_total",
+                "Peer messages in parts discarded: the assembly budget was spent.",
+                get(&self.messages_discarded),
+            ),
+            (
+                "calmkv_peer_messages_too_large_total",
+                "Messages not sent to peers: larger than the message bound.",
+                get(&self.messages_too_large),
             ),
             (
                 "calmkv_peer_handshakes_pending",
@@ -496,26 +538,39 @@ impl PeerChannel {
     /// Queues a message for one peer; `false` when it is unknown or its outbox
     /// is full (the message is dropped and counted).
     pub fn send(&self, to: NodeId, message: &PeerMessage) -> bool {
-        let frame = match encode_body(message) {
-            Ok(frame) => frame,
-            Err(error) => {
-                tracing::warn!(%error, "message not sent");
-                return false;
-            }
-        };
-        self.send_frame(to, frame)
+        match self.frames_of(message) {
+            Some(frames) => self.send_frames(to, frames),
+            None => false,
+        }
     }
 
-    fn send_frame(&self, to: NodeId, frame: Vec<u8>) -> bool {
+    /// The frames that carry `message`: its body, or its parts when the body
+    /// is larger than [`PART_BYTES`]; `None` (logged, counted) when it cannot
+    /// be sent at all.
+    fn frames_of(&self, message: &PeerMessage) -> Option<Vec<Vec<u8>>> {
+        match frames_of(message) {
+            Ok(frames) => Some(frames),
+            Err(error) => {
+                if matches!(error, FrameError::TooLarge { .. }) {
+                    self.metrics.messages_too_large.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(%error, "message not sent");
+                None
+            }
+        }
+    }
+
+    fn send_frames(&self, to: NodeId, frames: Vec<Vec<u8>>) -> bool {
         let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let Some((_, link)) = links.get(&to) else { return false };
-        match link.outbox.push(frame) {
+        let count = frames.len() as u64;
+        match link.outbox.push_all(frames) {
             Ok(()) => {
-                self.metrics.frames_queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.frames_queued.fetch_add(count, Ordering::Relaxed);
                 true
             }
             Err(_) => {
-                self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.frames_dropped.fetch_add(count, Ordering::Relaxed);
                 false
             }
         }
@@ -533,14 +588,8 @@ impl PeerChannel {
     /// Queues one message for several peers, encoded once; returns the peers
     /// it was queued for (not unknown, outbox not full).
     pub fn send_to_many(&self, to: &[NodeId], message: &PeerMessage) -> Vec<NodeId> {
-        let frame = match encode_body(message) {
-            Ok(frame) => frame,
-            Err(error) => {
-                tracing::warn!(%error, "message not sent");
-                return vec![];
-            }
-        };
-        to.iter().copied().filter(|id| self.send_frame(*id, frame.clone())).collect()
+        let Some(frames) = self.frames_of(message) else { return vec![] };
+        to.iter().copied().filter(|id| self.send_frames(*id, frames.clone())).collect()
     }
 
     /// Registers a waiter for the answers with `id`, from any peer; call
@@ -718,6 +767,7 @@ impl PeerChannel {
         let tag_bytes = if session.is_some() { TAG_BYTES } else { 0 };
         let idle = self.settings.heartbeat_timeout;
         let mut seq = 0u64;
+        let mut assembly = Assembly::new(&self.metrics, self.settings.assembly_bytes_max);
         loop {
             let mut prefix = [0u8; 4];
             match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
@@ -743,13 +793,30 @@ impl PeerChannel {
             seq += 1;
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
             self.metrics.bytes_received.fetch_add(len as u64 + 4, Ordering::Relaxed);
-            if message == PeerMessage::Ping {
-                match tokio::time::timeout(idle, pongs.write_all(&[PONG])).await {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(_)) => return Ok(()), // closed
-                    Err(_) => return Err(FrameError::Silent),
+            let message = match message {
+                PeerMessage::Ping => {
+                    match tokio::time::timeout(idle, pongs.write_all(&[PONG])).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => return Ok(()), // closed
+                        Err(_) => return Err(FrameError::Silent),
+                    }
                 }
-            }
+                PeerMessage::Part { total, bytes } => match assembly.add(total, bytes)? {
+                    None => continue,
+                    Some(body) => match decode_body::<PeerMessage>(&body)? {
+                        PeerMessage::Part { .. } | PeerMessage::Ping => {
+                            let reason = "a message in parts that is a part or a ping".into();
+                            return Err(FrameError::Malformed { reason });
+                        }
+                        whole => whole,
+                    },
+                },
+                _ if assembly.in_progress() => {
+                    let reason = "a message between the parts of another".into();
+                    return Err(FrameError::Malformed { reason });
+                }
+                whole => whole,
+            };
             self.dispatch(peer, message).await;
         }
     }
@@ -923,6 +990,110 @@ impl PeerChannel {
     }
 }
 
+/// The frame bodies that carry `message`: its own body when it is at most
+/// [`PART_BYTES`], else [`PeerMessage::Part`]s of it, in order. Refused past
+/// [`PEER_MESSAGE_BYTES_MAX`].
+pub fn frames_of(message: &PeerMessage) -> Result<Vec<Vec<u8>>, FrameError> {
+    let body = encode_bounded(message, PEER_MESSAGE_BYTES_MAX)?;
+    if body.len() <= PART_BYTES {
+        return Ok(vec![body]);
+    }
+    let total = body.len() as u64;
+    body.chunks(PART_BYTES)
+        .map(|chunk| encode_body(&PeerMessage::Part { total, bytes: chunk.to_vec() }))
+        .collect()
+}
+
+/// A message being joined from its parts on one connection, its bytes
+/// counted against the channel's assembly budget while held.
+struct Assembly<'a> {
+    /// Bytes held now, over every connection, and the budget.
+    held_total: &'a AtomicU64,
+    budget: u64,
+    metrics: &'a PeerMetrics,
+    /// The message's announced size; 0 when none is being joined.
+    total: usize,
+    received: usize,
+    /// The bytes so far; `None` once the budget was crossed (the rest of the
+    /// parts are read and dropped).
+    body: Option<Vec<u8>>,
+}
+
+impl<'a> Assembly<'a> {
+    fn new(metrics: &'a PeerMetrics, budget: usize) -> Assembly<'a> {
+        Assembly {
+            held_total: &metrics.assembly_bytes,
+            budget: budget as u64,
+            metrics,
+            total: 0,
+            received: 0,
+            body: Some(Vec::new()),
+        }
+    }
+
+    fn in_progress(&self) -> bool {
+        self.total > 0
+    }
+
+    /// Adds a part; the whole body once its last part arrived.
+    fn add(&mut self, total: u64, bytes: Vec<u8>) -> Result<Option<Vec<u8>>, FrameError> {
+        let malformed = |reason: &str| FrameError::Malformed { reason: reason.into() };
+        if total == 0 || total > PEER_MESSAGE_BYTES_MAX as u64 {
+            return Err(FrameError::TooLarge { bytes: total.min(usize::MAX as u64) as usize });
+        }
+        let total = total as usize;
+        if bytes.is_empty() {
+            return Err(malformed("an empty part"));
+        }
+        if self.in_progress() && total != self.total {
+            return Err(malformed("a part of another message before the last one ended"));
+        }
+        if self.received + bytes.len() > total {
+            return Err(malformed("parts longer than their message"));
+        }
+        self.total = total;
+        self.received += bytes.len();
+        if let Some(body) = &mut self.body {
+            let grown = bytes.len() as u64;
+            let held = self.held_total.fetch_add(grown, Ordering::Relaxed) + grown;
+            if held > self.budget {
+                self.held_total.fetch_sub(grown, Ordering::Relaxed);
+                self.release();
+                self.body = None;
+            } else {
+                body.extend_from_slice(&bytes);
+            }
+        }
+        if self.received < self.total {
+            return Ok(None);
+        }
+        self.total = 0;
+        self.received = 0;
+        let body = self.body.replace(Vec::new());
+        if body.is_none() {
+            self.metrics.messages_discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        let whole = body.inspect(|b| {
+            self.held_total.fetch_sub(b.len() as u64, Ordering::Relaxed);
+        });
+        Ok(whole)
+    }
+
+    /// Gives back the bytes held by an unfinished body.
+    fn release(&mut self) {
+        if let Some(body) = &mut self.body {
+            self.held_total.fetch_sub(body.len() as u64, Ordering::Relaxed);
+            *body = Vec::new();
+        }
+    }
+}
+
+impl Drop for Assembly<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// The writing half of a dialed connection: frames sealed in sequence.
 struct Writer<'a> {
     inner: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
@@ -997,10 +1168,89 @@ fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> O
             let state = node.envelope(&Key::new(key, node.limits())?)?;
             Ok(Some(PeerMessage::ReadReply { id, state }))
         }
-        PeerMessage::Acked { .. } | PeerMessage::ReadReply { .. } | PeerMessage::Ping => Ok(None),
+        PeerMessage::Acked { .. }
+        | PeerMessage::ReadReply { .. }
+        | PeerMessage::Ping
+        | PeerMessage::Part { .. } => Ok(None),
     })();
     result.unwrap_or_else(|error| {
         tracing::warn!(%error, "peer request failed");
         None
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts_of(frames: &[Vec<u8>]) -> Vec<(u64, Vec<u8>)> {
+        frames
+            .iter()
+            .map(|f| match decode_body::<PeerMessage>(f).unwrap() {
+                PeerMessage::Part { total, bytes } => (total, bytes),
+                other => panic!("not a part: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn large_message() -> PeerMessage {
+        let mut state = Envelope::default();
+        let now = calmkv_crdts::Hlc { wall_ms: 1, logical: 0 };
+        let value = serde_bytes::ByteBuf::from(vec![7u8; 3 * PART_BYTES]);
+        state.lww.set(calmkv_crdts::NodeId(1), now, value);
+        PeerMessage::ReadReply { id: 5, state }
+    }
+
+    #[test]
+    fn a_message_larger_than_a_part_travels_in_parts_and_is_joined_whole() {
+        let message = large_message();
+        let frames = frames_of(&message).unwrap();
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        assert!(frames
+            .iter()
+            .all(|f| f.len() + TAG_BYTES <= super::super::frame::PEER_FRAME_BYTES_MAX));
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        let mut joined = None;
+        for (total, bytes) in parts_of(&frames) {
+            assert!(joined.is_none(), "joined before the last part");
+            joined = assembly.add(total, bytes).unwrap();
+        }
+        let joined = joined.expect("joined at the last part");
+        assert_eq!(decode_body::<PeerMessage>(&joined).unwrap(), message);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(frames_of(&PeerMessage::Ping).unwrap().len(), 1, "a small one is one frame");
+    }
+
+    #[test]
+    fn a_message_past_the_assembly_budget_is_discarded_and_counted() {
+        let frames = frames_of(&large_message()).unwrap();
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, 2 * PART_BYTES);
+        for (total, bytes) in parts_of(&frames) {
+            assert_eq!(assembly.add(total, bytes).unwrap(), None);
+            assert!(metrics.assembly_bytes.load(Ordering::Relaxed) <= 2 * PART_BYTES as u64);
+        }
+        assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "the budget is given back");
+        // The next message is joined again.
+        let small = frames_of(&large_message()).unwrap();
+        let mut roomy = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        let joined = parts_of(&small).into_iter().map(|(t, b)| roomy.add(t, b).unwrap()).last();
+        assert!(joined.flatten().is_some());
+    }
+
+    #[test]
+    fn malformed_parts_are_refused() {
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        let too_large = PEER_MESSAGE_BYTES_MAX as u64 + 1;
+        assert!(matches!(assembly.add(too_large, vec![1]), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(assembly.add(10, vec![]), Err(FrameError::Malformed { .. })));
+        assert!(matches!(assembly.add(2, vec![1, 2, 3]), Err(FrameError::Malformed { .. })));
+        assert_eq!(assembly.add(10, vec![1; 4]).unwrap(), None);
+        assert!(matches!(assembly.add(11, vec![1]), Err(FrameError::Malformed { .. })));
+        drop(assembly);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "released when dropped");
+    }
 }
