@@ -474,3 +474,25 @@ async fn a_large_key_replicates_to_a_new_node(siblings_wanted: usize) {
     assert_eq!(metrics.frames_refused.load(Ordering::Relaxed), 0);
     assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "nothing left half-joined");
 }
+
+/// While a peer cannot be reached, a hundred writes of one key wait in its
+/// outbox as one delta; once it is back, it converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_one_key_wait_for_an_unreachable_peer_as_one_delta() {
+    let mut nodes = cluster(2, None).await;
+    nodes[0].cluster.write(incr("hot", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    nodes[1].stop_listening();
+    let channel = nodes[0].cluster.channel();
+    let outbox = |channel: &Arc<PeerChannel>| channel.outbox_bytes()[0].1;
+    // Anything already in flight drains into the closing connection first.
+    eventually("the outbox is empty", || outbox(channel) == 0).await;
+    let before = channel.metrics().deltas_coalesced.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        nodes[0].cluster.write(incr("hot", 1), WriteQuorum::One, DEADLINE).await.unwrap();
+    }
+    let coalesced = channel.metrics().deltas_coalesced.load(Ordering::Relaxed) - before;
+    assert!(coalesced >= 90, "{coalesced} of 100 writes joined a waiting delta");
+    assert!(outbox(channel) < 1024, "one small delta waits: {} bytes", outbox(channel));
+    nodes[1].listen_again().await;
+    eventually("the peer counts every write", || nodes[1].counter("hot") == Some(101)).await;
+}

@@ -38,7 +38,7 @@ use super::frame::{
 };
 use super::handshake::{self, HandshakeError, RefusalKind};
 use super::message::PeerMessage;
-use super::outbox::Outbox;
+use super::outbox::{Outbox, Queued};
 use crate::envelope::Envelope;
 use crate::op::Key;
 use crate::Node;
@@ -155,6 +155,9 @@ pub struct PeerMetrics {
     pub frames_refused: AtomicU64,
     /// Deltas merged from peers that changed a key.
     pub deltas_applied: AtomicU64,
+    /// Deltas of local writes joined into one already waiting for its key
+    /// in a peer's outbox.
+    pub deltas_coalesced: AtomicU64,
     /// Anti-entropy rounds started.
     pub anti_entropy_rounds: AtomicU64,
     /// Keys changed by anti-entropy.
@@ -346,6 +349,11 @@ impl PeerMetrics {
                 "calmkv_replication_deltas_applied_total",
                 "Deltas from peers that changed a key.",
                 get(&self.deltas_applied),
+            ),
+            (
+                "calmkv_replication_deltas_coalesced_total",
+                "Deltas of local writes joined into one already waiting for their key.",
+                get(&self.deltas_coalesced),
             ),
             (
                 "calmkv_anti_entropy_rounds_total",
@@ -579,10 +587,35 @@ impl PeerChannel {
     /// Pushes a local write's delta to every peer. Never waits: a peer whose
     /// outbox is full misses it until anti-entropy. Returns the peers it was
     /// queued for.
+    /// Without `ack` the delta joins the peer's waiting deltas, coalesced
+    /// with any other delta of the key not yet sent.
     pub fn replicate(&self, key: &str, delta: &Envelope, ack: Option<u64>) -> Vec<NodeId> {
-        let message = PeerMessage::Deltas { deltas: vec![(key.to_string(), delta.clone())], ack };
         let peers: Vec<NodeId> = self.peers().iter().map(|p| p.id).collect();
-        self.send_to_many(&peers, &message)
+        if ack.is_some() {
+            let message =
+                PeerMessage::Deltas { deltas: vec![(key.to_string(), delta.clone())], ack };
+            return self.send_to_many(&peers, &message);
+        }
+        let Ok(bytes) = calmkv_crdts::encode(delta).map(|b| b.len()) else { return vec![] };
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queued = Vec::new();
+        for peer in peers {
+            let Some((_, link)) = links.get(&peer) else { continue };
+            match link.outbox.push_delta(key, delta, bytes) {
+                Ok(Queued::New) => {
+                    self.metrics.frames_queued.fetch_add(1, Ordering::Relaxed);
+                    queued.push(peer);
+                }
+                Ok(Queued::Coalesced) => {
+                    self.metrics.deltas_coalesced.fetch_add(1, Ordering::Relaxed);
+                    queued.push(peer);
+                }
+                Err(_) => {
+                    self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        queued
     }
 
     /// Queues one message for several peers, encoded once; returns the peers
@@ -968,7 +1001,7 @@ impl PeerChannel {
             }
             tokio::time::timeout(timeout, writer.inner.flush()).await.map_err(|_| stalled())??;
             tokio::select! {
-                () = outbox.ready() => batch = outbox.take(WRITE_BATCH_BYTES),
+                () = outbox.ready() => batch = self.take_batch(outbox),
                 read = reader.read(&mut pongs) => match read {
                     Ok(n) if n > 0 && pongs[..n].iter().all(|b| *b == PONG) => heard = Instant::now(),
                     _ => {
@@ -1091,6 +1124,25 @@ impl<'a> Assembly<'a> {
 impl Drop for Assembly<'_> {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+impl PeerChannel {
+    /// The next frames to write from an outbox: queued frames first, then
+    /// waiting deltas in `Deltas` frames of at most `DELTA_GROUP_BYTES_MAX`,
+    /// about [`WRITE_BATCH_BYTES`] in all.
+    fn take_batch(&self, outbox: &Outbox) -> Vec<Vec<u8>> {
+        let mut batch = outbox.take(WRITE_BATCH_BYTES);
+        let taken: usize = batch.iter().map(Vec::len).sum();
+        if taken >= WRITE_BATCH_BYTES {
+            return batch;
+        }
+        for deltas in outbox.take_deltas(WRITE_BATCH_BYTES - taken) {
+            if let Some(frames) = self.frames_of(&PeerMessage::Deltas { deltas, ack: None }) {
+                batch.extend(frames);
+            }
+        }
+        batch
     }
 }
 
