@@ -496,3 +496,27 @@ async fn writes_of_one_key_wait_for_an_unreachable_peer_as_one_delta() {
     nodes[1].listen_again().await;
     eventually("the peer counts every write", || nodes[1].counter("hot") == Some(101)).await;
 }
+
+/// A node that joins empty beside 3,000 keys is repaired by rounds that follow
+/// each other while they repair something — no periodic round runs here, only
+/// the one each new connection opens with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_behind_node_is_repaired_by_chained_rounds_without_the_periodic_one() {
+    let old = TestNode::start(None).await;
+    for i in 0..3000 {
+        old.node().apply(&incr(&format!("many/{i}"), 1)).unwrap();
+    }
+    let new = TestNode::start(None).await;
+    let started = tokio::time::Instant::now();
+    new.cluster.channel().set_peers(vec![old.peer()]);
+    old.cluster.channel().set_peers(vec![new.peer()]);
+    let deadline = started + Duration::from_secs(30);
+    while old.node().digest().top() != new.node().digest().top() {
+        assert!(tokio::time::Instant::now() < deadline, "the new node never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let repaired = new.cluster.channel().metrics().keys_repaired.load(Ordering::Relaxed);
+    assert_eq!(repaired, 3000);
+    eprintln!("3000 keys repaired in {took:?} ({:.0} keys/s)", 3000.0 / took.as_secs_f64());
+}

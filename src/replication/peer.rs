@@ -77,6 +77,9 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// (a pong for the dialer, any frame for the acceptor) before it is dropped;
 /// also the longest a single frame write may take.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Least time between two follow-up anti-entropy rounds with one peer (see
+/// [`PeerChannel::follow_up_round`]).
+pub const FOLLOW_UP_ROUND_PERIOD: Duration = Duration::from_millis(20);
 /// Bytes of a message body carried by one [`PeerMessage::Part`]; a body
 /// larger than this travels in parts.
 pub const PART_BYTES: usize = 1024 * 1024;
@@ -461,6 +464,8 @@ pub struct PeerChannel {
     pending: Pending,
     next_id: AtomicU64,
     metrics: Arc<PeerMetrics>,
+    /// When the last follow-up round started, by peer.
+    follow_ups: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl PeerChannel {
@@ -490,6 +495,7 @@ impl PeerChannel {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             metrics: Arc::new(PeerMetrics::default()),
+            follow_ups: Mutex::new(HashMap::new()),
         })
     }
 
@@ -660,6 +666,35 @@ impl PeerChannel {
         let Some((_, link)) = links.get(&peer) else { return false };
         link.redial.notify_one();
         true
+    }
+
+    /// After a round with `peer` repaired keys here, starts the next one at
+    /// once rather than at the next periodic round, so a node that is far
+    /// behind is repaired at the pace of the rounds, not of the period. At
+    /// most one such round per peer per [`FOLLOW_UP_ROUND_PERIOD`]: a round
+    /// due sooner waits for it here, on the connection's reading task (so at
+    /// most that long), which bounds the rounds in flight however both sides
+    /// chain them. The chain ends with the first round that repairs nothing.
+    async fn follow_up_round(&self, peer: NodeId) {
+        let wait = {
+            let last = self.follow_ups.lock().unwrap_or_else(|p| p.into_inner());
+            last.get(&peer)
+                .map_or(Duration::ZERO, |at| FOLLOW_UP_ROUND_PERIOD.saturating_sub(at.elapsed()))
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        {
+            let mut last = self.follow_ups.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded by the peers: forget peers no longer dialed.
+            let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            last.retain(|id, _| links.contains_key(id));
+            if !links.contains_key(&peer) {
+                return;
+            }
+            last.insert(peer, Instant::now());
+        }
+        self.start_anti_entropy(peer);
     }
 
     /// Starts an anti-entropy round with `peer`.
@@ -905,12 +940,15 @@ impl PeerChannel {
                 let answer =
                     tokio::task::spawn_blocking(move || handle_request(&node, &metrics, other))
                         .await;
-                match answer {
-                    Ok(Some(reply)) => {
-                        self.send(from, &reply);
-                    }
-                    Ok(None) => {}
+                let (reply, repaired) = match answer {
+                    Ok(answer) => answer,
                     Err(join) => std::panic::resume_unwind(join.into_panic()),
+                };
+                if let Some(reply) = reply {
+                    self.send(from, &reply);
+                }
+                if repaired > 0 {
+                    self.follow_up_round(from).await;
                 }
             }
         }
@@ -1201,7 +1239,13 @@ impl Drop for PeerChannel {
 }
 
 /// Handles a request from a peer on the blocking pool; returns the answer.
-fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> Option<PeerMessage> {
+/// Returns the answer, and the keys anti-entropy repaired.
+fn handle_request(
+    node: &Node,
+    metrics: &PeerMetrics,
+    message: PeerMessage,
+) -> (Option<PeerMessage>, usize) {
+    let mut repaired = 0;
     let result: Result<Option<PeerMessage>, crate::NodeError> = (|| match message {
         PeerMessage::Deltas { deltas, ack } => {
             for (key, delta) in deltas {
@@ -1214,6 +1258,7 @@ fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> O
         PeerMessage::AntiEntropy(step) => {
             let (reply, handled) = anti_entropy::handle(node, &step)?;
             metrics.keys_repaired.fetch_add(handled.keys_repaired as u64, Ordering::Relaxed);
+            repaired = handled.keys_repaired;
             Ok(reply.map(PeerMessage::AntiEntropy))
         }
         PeerMessage::Read { id, key } => {
@@ -1225,10 +1270,11 @@ fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> O
         | PeerMessage::Ping
         | PeerMessage::Part { .. } => Ok(None),
     })();
-    result.unwrap_or_else(|error| {
+    let reply = result.unwrap_or_else(|error| {
         tracing::warn!(%error, "peer request failed");
         None
-    })
+    });
+    (reply, repaired)
 }
 
 #[cfg(test)]
