@@ -204,7 +204,7 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\x00\x00\x00\x05hello".to_vec()),
         ("oversized length", u32::MAX.to_be_bytes().to_vec()),
-        ("truncated hello", b"CKVP\x04".to_vec()),
+        ("truncated hello", b"CKVP\x05".to_vec()),
         ("a frame instead of a handshake", encode_frame(&deltas, None).unwrap()),
         ("a frame tagged with another secret", encode_frame(&deltas, Some(&wrong)).unwrap()),
         ("a hello claiming an id, with a forged proof", claimed),

@@ -54,7 +54,7 @@ fn messages() -> Vec<PeerMessage> {
             want: vec!["x".into()],
         }),
         PeerMessage::Ping,
-        PeerMessage::Part { total: 1 << 21, bytes: vec![1, 2, 3] },
+        PeerMessage::Part { message: 1, index: 0, total: 1 << 21, bytes: vec![1, 2, 3] },
     ]
 }
 

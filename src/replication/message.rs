@@ -35,8 +35,13 @@ pub enum PeerMessage {
     /// state of many megabytes, in anti-entropy, a read reply or a repair).
     /// The parts of a message travel back to back on one connection (only
     /// [`PeerMessage::Ping`] may come between them); the receiver joins them
-    /// and handles the message once `total` bytes arrived.
+    /// in order and handles the message once `total` bytes arrived, and
+    /// drops a message whose parts were interrupted.
     Part {
+        /// Which message, among the sender's messages in parts.
+        message: u64,
+        /// Which part of it, from 0.
+        index: u32,
         /// Bytes of the whole message's body.
         total: u64,
         /// The next bytes of it.

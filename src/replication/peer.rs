@@ -869,21 +869,22 @@ impl PeerChannel {
                         Err(_) => return Err(FrameError::Silent),
                     }
                 }
-                PeerMessage::Part { total, bytes } => match assembly.add(total, bytes)? {
-                    None => continue,
-                    Some(body) => match decode_body::<PeerMessage>(&body)? {
-                        PeerMessage::Part { .. } | PeerMessage::Ping => {
-                            let reason = "a message in parts that is a part or a ping".into();
-                            return Err(FrameError::Malformed { reason });
-                        }
-                        whole => whole,
-                    },
-                },
-                _ if assembly.in_progress() => {
-                    let reason = "a message between the parts of another".into();
-                    return Err(FrameError::Malformed { reason });
+                PeerMessage::Part { message, index, total, bytes } => {
+                    match assembly.add(PartIn { message, index, total, bytes })? {
+                        None => continue,
+                        Some(body) => match decode_body::<PeerMessage>(&body)? {
+                            PeerMessage::Part { .. } | PeerMessage::Ping => {
+                                let reason = "a message in parts that is a part or a ping".into();
+                                return Err(FrameError::Malformed { reason });
+                            }
+                            whole => whole,
+                        },
+                    }
                 }
-                whole => whole,
+                whole => {
+                    assembly.abandon();
+                    whole
+                }
             };
             self.dispatch(peer, message).await;
         }
@@ -1062,28 +1063,50 @@ impl PeerChannel {
 }
 
 /// The frame bodies that carry `message`: its own body when it is at most
-/// [`PART_BYTES`], else [`PeerMessage::Part`]s of it, in order. Refused past
-/// [`PEER_MESSAGE_BYTES_MAX`].
+/// [`PART_BYTES`], else [`PeerMessage::Part`]s of it, numbered from 0 under a
+/// message number of their own. Refused past [`PEER_MESSAGE_BYTES_MAX`].
 pub fn frames_of(message: &PeerMessage) -> Result<Vec<Vec<u8>>, FrameError> {
+    static NEXT_MESSAGE: AtomicU64 = AtomicU64::new(1);
     let body = encode_bounded(message, PEER_MESSAGE_BYTES_MAX)?;
     if body.len() <= PART_BYTES {
         return Ok(vec![body]);
     }
+    let number = NEXT_MESSAGE.fetch_add(1, Ordering::Relaxed);
     let total = body.len() as u64;
     body.chunks(PART_BYTES)
-        .map(|chunk| encode_body(&PeerMessage::Part { total, bytes: chunk.to_vec() }))
+        .enumerate()
+        .map(|(index, chunk)| {
+            let bytes = chunk.to_vec();
+            encode_body(&PeerMessage::Part { message: number, index: index as u32, total, bytes })
+        })
         .collect()
+}
+
+/// One received [`PeerMessage::Part`].
+struct PartIn {
+    message: u64,
+    index: u32,
+    total: u64,
+    bytes: Vec<u8>,
 }
 
 /// A message being joined from its parts on one connection, its bytes
 /// counted against the channel's assembly budget while held.
+///
+/// Parts are joined only in order, from part 0, under one message number. A
+/// part that does not continue the message being joined abandons it (its
+/// bytes are given back, `messages_discarded` counts it); a part other than
+/// 0 with nothing being joined is skipped: it is the tail of a message whose
+/// head went out on a connection that broke, and the sender's outbox still
+/// held the rest. So parts of two messages are never spliced into one.
 struct Assembly<'a> {
     /// Bytes held now, over every connection, and the budget.
     held_total: &'a AtomicU64,
     budget: u64,
     metrics: &'a PeerMetrics,
-    /// The message's announced size; 0 when none is being joined.
-    total: usize,
+    /// The message being joined: its number, size and next part; `None`
+    /// when none is.
+    joining: Option<(u64, usize, u32)>,
     received: usize,
     /// The bytes so far; `None` once the budget was crossed (the rest of the
     /// parts are read and dropped).
@@ -1096,34 +1119,45 @@ impl<'a> Assembly<'a> {
             held_total: &metrics.assembly_bytes,
             budget: budget as u64,
             metrics,
-            total: 0,
+            joining: None,
             received: 0,
             body: Some(Vec::new()),
         }
     }
 
-    fn in_progress(&self) -> bool {
-        self.total > 0
+    /// Abandons the message being joined, if any: another message came
+    /// before its last part.
+    fn abandon(&mut self) {
+        if self.joining.take().is_some() {
+            self.metrics.messages_discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        self.release();
+        self.body = Some(Vec::new());
+        self.received = 0;
     }
 
     /// Adds a part; the whole body once its last part arrived.
-    fn add(&mut self, total: u64, bytes: Vec<u8>) -> Result<Option<Vec<u8>>, FrameError> {
-        let malformed = |reason: &str| FrameError::Malformed { reason: reason.into() };
+    fn add(&mut self, part: PartIn) -> Result<Option<Vec<u8>>, FrameError> {
+        let PartIn { message, index, total, bytes } = part;
         if total == 0 || total > PEER_MESSAGE_BYTES_MAX as u64 {
             return Err(FrameError::TooLarge { bytes: total.min(usize::MAX as u64) as usize });
         }
         let total = total as usize;
         if bytes.is_empty() {
-            return Err(malformed("an empty part"));
+            return Err(FrameError::Malformed { reason: "an empty part".into() });
         }
-        if self.in_progress() && total != self.total {
-            return Err(malformed("a part of another message before the last one ended"));
+        let continues = self.joining == Some((message, total, index));
+        if !continues {
+            self.abandon();
+            if index != 0 {
+                return Ok(None); // the tail of a message whose head was lost
+            }
         }
         if self.received + bytes.len() > total {
-            return Err(malformed("parts longer than their message"));
+            return Err(FrameError::Malformed { reason: "parts longer than their message".into() });
         }
-        self.total = total;
         self.received += bytes.len();
+        self.joining = Some((message, total, index + 1));
         if let Some(body) = &mut self.body {
             let grown = bytes.len() as u64;
             let held = self.held_total.fetch_add(grown, Ordering::Relaxed) + grown;
@@ -1135,10 +1169,10 @@ impl<'a> Assembly<'a> {
                 body.extend_from_slice(&bytes);
             }
         }
-        if self.received < self.total {
+        if self.received < total {
             return Ok(None);
         }
-        self.total = 0;
+        self.joining = None;
         self.received = 0;
         let body = self.body.replace(Vec::new());
         if body.is_none() {
@@ -1281,14 +1315,20 @@ fn handle_request(
 mod tests {
     use super::*;
 
-    fn parts_of(frames: &[Vec<u8>]) -> Vec<(u64, Vec<u8>)> {
+    fn parts_of(frames: &[Vec<u8>]) -> Vec<PartIn> {
         frames
             .iter()
             .map(|f| match decode_body::<PeerMessage>(f).unwrap() {
-                PeerMessage::Part { total, bytes } => (total, bytes),
+                PeerMessage::Part { message, index, total, bytes } => {
+                    PartIn { message, index, total, bytes }
+                }
                 other => panic!("not a part: {other:?}"),
             })
             .collect()
+    }
+
+    fn part(message: u64, index: u32, total: u64, bytes: Vec<u8>) -> PartIn {
+        PartIn { message, index, total, bytes }
     }
 
     fn large_message() -> PeerMessage {
@@ -1310,9 +1350,9 @@ mod tests {
         let metrics = PeerMetrics::default();
         let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
         let mut joined = None;
-        for (total, bytes) in parts_of(&frames) {
+        for part in parts_of(&frames) {
             assert!(joined.is_none(), "joined before the last part");
-            joined = assembly.add(total, bytes).unwrap();
+            joined = assembly.add(part).unwrap();
         }
         let joined = joined.expect("joined at the last part");
         assert_eq!(decode_body::<PeerMessage>(&joined).unwrap(), message);
@@ -1325,8 +1365,8 @@ mod tests {
         let frames = frames_of(&large_message()).unwrap();
         let metrics = PeerMetrics::default();
         let mut assembly = Assembly::new(&metrics, 2 * PART_BYTES);
-        for (total, bytes) in parts_of(&frames) {
-            assert_eq!(assembly.add(total, bytes).unwrap(), None);
+        for part in parts_of(&frames) {
+            assert_eq!(assembly.add(part).unwrap(), None);
             assert!(metrics.assembly_bytes.load(Ordering::Relaxed) <= 2 * PART_BYTES as u64);
         }
         assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1);
@@ -1334,7 +1374,7 @@ mod tests {
         // The next message is joined again.
         let small = frames_of(&large_message()).unwrap();
         let mut roomy = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
-        let joined = parts_of(&small).into_iter().map(|(t, b)| roomy.add(t, b).unwrap()).last();
+        let joined = parts_of(&small).into_iter().map(|p| roomy.add(p).unwrap()).last();
         assert!(joined.flatten().is_some());
     }
 
@@ -1343,12 +1383,34 @@ mod tests {
         let metrics = PeerMetrics::default();
         let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
         let too_large = PEER_MESSAGE_BYTES_MAX as u64 + 1;
-        assert!(matches!(assembly.add(too_large, vec![1]), Err(FrameError::TooLarge { .. })));
-        assert!(matches!(assembly.add(10, vec![]), Err(FrameError::Malformed { .. })));
-        assert!(matches!(assembly.add(2, vec![1, 2, 3]), Err(FrameError::Malformed { .. })));
-        assert_eq!(assembly.add(10, vec![1; 4]).unwrap(), None);
-        assert!(matches!(assembly.add(11, vec![1]), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            assembly.add(part(1, 0, too_large, vec![1])),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(assembly.add(part(1, 0, 10, vec![])), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            assembly.add(part(1, 0, 2, vec![1; 3])),
+            Err(FrameError::Malformed { .. })
+        ));
+        assert_eq!(assembly.add(part(2, 0, 10, vec![1; 4])).unwrap(), None);
         drop(assembly);
         assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "released when dropped");
+    }
+
+    #[test]
+    fn parts_of_two_messages_are_never_spliced_into_one() {
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        // The tail of a message whose head went out on a broken connection.
+        assert_eq!(assembly.add(part(1, 1, 8, vec![1; 4])).unwrap(), None);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "skipped, not held");
+        // A message of the same size, interrupted by another one.
+        assert_eq!(assembly.add(part(2, 0, 8, vec![2; 4])).unwrap(), None);
+        assert_eq!(assembly.add(part(3, 0, 8, vec![3; 4])).unwrap(), None);
+        assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1, "message 2 abandoned");
+        assert_eq!(assembly.add(part(2, 1, 8, vec![2; 4])).unwrap(), None, "not joined to 3");
+        assert_eq!(assembly.add(part(4, 0, 8, vec![4; 4])).unwrap(), None);
+        assert_eq!(assembly.add(part(4, 1, 8, vec![4; 4])).unwrap(), Some(vec![4; 8]));
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0);
     }
 }
