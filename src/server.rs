@@ -467,8 +467,9 @@ async fn start_gossip(
     Membership::start(settings, Arc::new(transport)).await.map_err(ServerError::Gossip)
 }
 
-/// Keeps the peer channel's peers equal to the membership view, and starts an
-/// anti-entropy round with every member that comes up.
+/// Keeps the peer channel's peers equal to the membership view, and gives
+/// every member that comes up a fresh connection, which opens with an
+/// anti-entropy round.
 async fn follow_membership(cluster: Arc<Cluster>, mut watch: MembersWatch) {
     let mut known: BTreeMap<u64, MemberInfo> = BTreeMap::new();
     let mut members = watch.members();
@@ -486,8 +487,13 @@ async fn follow_membership(cluster: Arc<Cluster>, mut watch: MembersWatch) {
                     !old.state.is_active() || old.identity.bump != member.identity.bump
                 });
             if came_up {
-                tracing::info!(peer = %NodeId(id), "member up: anti-entropy round");
-                cluster.channel().start_anti_entropy(NodeId(id));
+                // A fresh connection (a new link's first, or a redial of a
+                // connection that may have lived through the outage) opens
+                // with an anti-entropy round.
+                tracing::info!(peer = %NodeId(id), "member up: redial and anti-entropy round");
+                if known.contains_key(&id) {
+                    cluster.channel().redial(NodeId(id));
+                }
             }
         }
         known = members.iter().map(|m| (m.identity.node_id, *m)).collect();

@@ -9,7 +9,7 @@ use calmkv::replication::handshake::Hello;
 use calmkv::replication::harvest::Consistency;
 use calmkv::replication::message::PeerMessage;
 use calmkv::replication::outbox::OUTBOX_BYTES_MAX;
-use calmkv::replication::peer::{Peer, PeerChannel};
+use calmkv::replication::peer::{Peer, PeerChannel, PeerSettings};
 use calmkv::{Action, Config, CounterOp, CrdtOp, Key, Limits, Node, Op, TypedValue};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -29,10 +29,14 @@ struct TestNode {
 
 impl TestNode {
     async fn start(secret: Option<ClusterSecret>) -> TestNode {
+        TestNode::start_with(secret, PeerSettings::default()).await
+    }
+
+    async fn start_with(secret: Option<ClusterSecret>, settings: PeerSettings) -> TestNode {
         let node = Arc::new(Config::in_memory().open_node().unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let channel = PeerChannel::new(node, secret, OUTBOX_BYTES_MAX);
+        let channel = PeerChannel::with_settings(node, secret, OUTBOX_BYTES_MAX, settings);
         let serve = tokio::spawn(channel.clone().serve(listener));
         TestNode { cluster: Arc::new(Cluster::new(channel)), addr, serve: Some(serve) }
     }
@@ -134,17 +138,17 @@ async fn w_all_waits_for_every_replica_and_says_when_one_is_missing() {
 async fn a_read_reports_its_harvest_and_refuses_below_min_harvest() {
     let mut nodes = cluster(3, None).await;
     nodes[0].cluster.write(incr("h", 1), WriteQuorum::All, DEADLINE).await.unwrap();
-    let all = nodes[1].cluster.read(&k("h"), Consistency::All, DEADLINE, 1.0).await.unwrap();
+    let all = nodes[1].cluster.read(&k("h"), Consistency::All, DEADLINE, Some(1.0)).await.unwrap();
     assert_eq!((all.harvest.answered, all.harvest.replicas), (3, 3));
     nodes[2].stop_listening();
     // Node 2 no longer answers: a quorum read still succeeds with harvest 2/3.
     let short = Duration::from_millis(300);
-    let quorum = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, 0.0).await.unwrap();
+    let quorum = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, None).await.unwrap();
     assert_eq!(quorum.harvest.header(), "0.67");
     assert_eq!(quorum.harvest.replicas_header(), "2/3");
-    let refused = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, 0.9).await;
+    let refused = nodes[1].cluster.read(&k("h"), Consistency::Quorum, short, Some(0.9)).await;
     assert!(matches!(refused, Err(ClusterError::InsufficientHarvest { .. })), "{refused:?}");
-    let refused = nodes[1].cluster.read(&k("h"), Consistency::All, short, 0.0).await;
+    let refused = nodes[1].cluster.read(&k("h"), Consistency::All, short, None).await;
     assert!(matches!(refused, Err(ClusterError::InsufficientHarvest { .. })), "{refused:?}");
 }
 
@@ -153,7 +157,7 @@ async fn a_quorum_read_repairs_a_stale_replica() {
     let nodes = cluster(3, None).await;
     // A write applied on node 0 alone, as if its deltas had been lost.
     nodes[0].node().apply(&incr("r", 4)).unwrap();
-    let read = nodes[1].cluster.read(&k("r"), Consistency::All, DEADLINE, 1.0).await.unwrap();
+    let read = nodes[1].cluster.read(&k("r"), Consistency::All, DEADLINE, None).await.unwrap();
     assert_eq!(read.state.value.counter().value(), 4);
     eventually("both stale replicas are repaired", || {
         nodes[1].counter("r") == Some(4) && nodes[2].counter("r") == Some(4)
@@ -200,7 +204,7 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     let attacks: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\x00\x00\x00\x05hello".to_vec()),
         ("oversized length", u32::MAX.to_be_bytes().to_vec()),
-        ("truncated hello", b"CKVP\x02".to_vec()),
+        ("truncated hello", b"CKVP\x05".to_vec()),
         ("a frame instead of a handshake", encode_frame(&deltas, None).unwrap()),
         ("a frame tagged with another secret", encode_frame(&deltas, Some(&wrong)).unwrap()),
         ("a hello claiming an id, with a forged proof", claimed),
@@ -214,4 +218,305 @@ async fn bad_peer_frames_are_refused_and_counted_while_the_node_keeps_serving() 
     // Authenticated traffic still flows.
     nodes[1].cluster.write(incr("ok", 1), WriteQuorum::All, DEADLINE).await.unwrap();
     assert_eq!(target.counter("ok"), Some(1));
+}
+
+/// A TCP proxy on loopback whose open connections can be frozen: they stop
+/// forwarding in both directions but stay open, as a connection does whose
+/// path went away (a cut, a dead switch) without either end closing it.
+/// Connections opened after a freeze are forwarded normally.
+struct StallingProxy {
+    addr: SocketAddr,
+    frozen: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    task: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    async fn start(target: SocketAddr) -> StallingProxy {
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let task = tokio::spawn({
+            let frozen = frozen.clone();
+            async move {
+                loop {
+                    let Ok((client, _)) = listener.accept().await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else { continue };
+                    let flag = Arc::new(AtomicBool::new(false));
+                    frozen.lock().unwrap().push(flag.clone());
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(pump(client_read, server_write, flag.clone()));
+                    tokio::spawn(pump(server_read, client_write, flag));
+                }
+            }
+        });
+        StallingProxy { addr, frozen, task }
+    }
+
+    /// Freezes every connection open now.
+    fn freeze(&self) -> usize {
+        let frozen = self.frozen.lock().unwrap();
+        for flag in frozen.iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+        frozen.len()
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies bytes until `frozen`, then holds both ends open forever.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            () = wait_until_frozen(&frozen) => break,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) || to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    // Frozen: neither forward nor close, until the test ends.
+    std::future::pending::<()>().await;
+    drop((from, to));
+}
+
+async fn wait_until_frozen(frozen: &std::sync::atomic::AtomicBool) {
+    while !frozen.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A connection that stops carrying bytes without closing is noticed by its
+/// heartbeat, dropped and dialed again; the new connection opens with an
+/// anti-entropy round, so a write that went into the stalled connection
+/// reaches the peer soon after — with no periodic anti-entropy running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_is_detected_redialed_and_repaired() {
+    let settings = PeerSettings {
+        heartbeat_interval: Duration::from_millis(50),
+        heartbeat_timeout: Duration::from_millis(300),
+        ..PeerSettings::default()
+    };
+    let a = TestNode::start_with(None, settings).await;
+    let b = TestNode::start_with(None, settings).await;
+    let proxy = StallingProxy::start(b.addr).await;
+    // a reaches b only through the proxy; b reaches a directly.
+    a.cluster.channel().set_peers(vec![Peer { id: b.node().id(), addr: proxy.addr }]);
+    b.cluster.channel().set_peers(vec![a.peer()]);
+    a.cluster.write(incr("s", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    assert_eq!(b.counter("s"), Some(1));
+    let connects = a.cluster.channel().metrics().connects.load(Ordering::Relaxed);
+
+    assert_eq!(proxy.freeze(), 1, "one connection from a to b through the proxy");
+    let started = tokio::time::Instant::now();
+    // Sent into the frozen connection: lost with it.
+    a.cluster.write(incr("s", 1), WriteQuorum::One, DEADLINE).await.unwrap();
+    eventually("b sees the write made while the connection was stalled", || {
+        b.counter("s") == Some(2)
+    })
+    .await;
+    let took = started.elapsed();
+    let metrics = a.cluster.channel().metrics();
+    assert!(metrics.connections_stalled.load(Ordering::Relaxed) >= 1);
+    assert!(metrics.connects.load(Ordering::Relaxed) > connects, "a dialed b again");
+    assert!(took < Duration::from_secs(3), "noticed and repaired in {took:?}");
+    // And the new connection carries deltas again, without anti-entropy.
+    a.cluster.write(incr("s", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    assert_eq!(b.counter("s"), Some(3));
+}
+
+/// Without heartbeats from the dialer, an accepted connection is closed after
+/// the heartbeat timeout; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_connection_that_falls_silent_is_closed() {
+    let settings = PeerSettings {
+        heartbeat_interval: Duration::from_millis(50),
+        heartbeat_timeout: Duration::from_millis(300),
+        ..PeerSettings::default()
+    };
+    let target = TestNode::start_with(None, settings).await;
+    let mut stream = TcpStream::connect(target.addr).await.unwrap();
+    let own = calmkv_crdts::NodeId(77);
+    calmkv::replication::handshake::dial(&mut stream, None, own, None, DEADLINE).await.unwrap();
+    let metrics = target.cluster.channel().metrics();
+    eventually("the silent connection is counted and closed", || {
+        metrics.connections_stalled.load(Ordering::Relaxed) == 1
+            && metrics.inbound_connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let mut byte = [0u8; 1];
+    let read =
+        tokio::time::timeout(DEADLINE, tokio::io::AsyncReadExt::read(&mut stream, &mut byte));
+    assert_eq!(read.await.unwrap().unwrap(), 0, "closed by the acceptor");
+}
+
+/// With one replica unreachable, `one` and `quorum` answer as soon as their
+/// level is met instead of waiting out the deadline; `all` waits it out and
+/// refuses, saying what it gathered; `all&min_harvest=0.5` answers with the
+/// two replicas that arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answer_as_soon_as_their_level_is_met_with_a_replica_unreachable() {
+    let mut nodes = cluster(3, None).await;
+    nodes[0].cluster.write(incr("f", 3), WriteQuorum::All, DEADLINE).await.unwrap();
+    nodes[2].stop_listening();
+    let long = Duration::from_secs(5);
+    for (consistency, answered) in [(Consistency::One, 1), (Consistency::Quorum, 2)] {
+        let started = tokio::time::Instant::now();
+        let read = nodes[1].cluster.read(&k("f"), consistency, long, None).await.unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{consistency:?} took {took:?} of {long:?}");
+        assert_eq!(read.harvest.answered, answered, "{consistency:?}");
+        assert_eq!(read.state.value.counter().value(), 3);
+    }
+    let short = Duration::from_millis(300);
+    let started = tokio::time::Instant::now();
+    let refused = nodes[1].cluster.read(&k("f"), Consistency::All, short, None).await;
+    assert!(started.elapsed() >= short, "all waits for every replica or the deadline");
+    match refused {
+        Err(ClusterError::InsufficientHarvest { harvest }) => {
+            assert_eq!(harvest.replicas_header(), "2/3")
+        }
+        other => panic!("{other:?}"),
+    }
+    let half = nodes[1].cluster.read(&k("f"), Consistency::All, short, Some(0.5)).await.unwrap();
+    assert_eq!(half.harvest.replicas_header(), "2/3");
+    let refused = nodes[1].cluster.read(&k("f"), Consistency::All, short, Some(0.9)).await;
+    assert!(matches!(refused, Err(ClusterError::InsufficientHarvest { .. })), "{refused:?}");
+}
+
+/// `w=quorum` is acknowledged as soon as a majority stored the write, not at
+/// the deadline, when one replica is unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_write_is_acknowledged_at_the_majority_with_a_replica_unreachable() {
+    let mut nodes = cluster(3, None).await;
+    nodes[2].stop_listening();
+    let long = Duration::from_secs(5);
+    let started = tokio::time::Instant::now();
+    nodes[0].cluster.write(incr("q", 1), WriteQuorum::Quorum, long).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "took {took:?} of {long:?}");
+    assert_eq!(nodes[1].counter("q"), Some(1), "acknowledged means stored");
+}
+
+fn put(key: &str, value: Vec<u8>) -> Op {
+    Op { key: k(key), action: Action::Put { value: value.into(), context: None, if_absent: false } }
+}
+
+/// A key whose state is twice a frame (8 siblings of 1 MiB) replicates to a
+/// node that joins later, in parts, without holding up the 300 small keys
+/// beside it, and reads at `consistency=all`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_larger_than_a_frame_replicates_to_a_new_node_without_holding_up_the_others() {
+    a_large_key_replicates_to_a_new_node(8).await;
+}
+
+/// The same with 64 siblings of 1 MiB, the largest register the limits allow
+/// (sixteen frames). Building that state takes most of a minute in a debug
+/// build, so it runs on demand: `cargo test --test cluster_tcp -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about a minute in a debug build; run with --ignored"]
+async fn a_64_mib_key_replicates_to_a_new_node_without_holding_up_the_others() {
+    a_large_key_replicates_to_a_new_node(64).await;
+}
+
+async fn a_large_key_replicates_to_a_new_node(siblings_wanted: usize) {
+    let old = TestNode::start(None).await;
+    for i in 0..siblings_wanted as u8 {
+        old.node().apply(&put("big", vec![i; 1 << 20])).unwrap(); // no context: a sibling
+    }
+    for i in 0..300 {
+        old.node().apply(&incr(&format!("small/{i}"), 1)).unwrap();
+    }
+    let siblings = |node: &Node| match node.read(&k("big")).unwrap() {
+        Some(read) => match read.values.as_slice() {
+            [TypedValue::Register(values)] => values.len(),
+            _ => 0,
+        },
+        None => 0,
+    };
+    assert_eq!(siblings(old.node()), siblings_wanted);
+    let new = TestNode::start(None).await;
+    new.cluster.channel().set_peers(vec![old.peer()]);
+    old.cluster.channel().set_peers(vec![new.peer()]);
+    let small_held = |node: &TestNode| {
+        (0..300).filter(|i| node.counter(&format!("small/{i}")) == Some(1)).count()
+    };
+    // Rounds at a modest pace: each may carry the large state again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while old.node().digest().top() != new.node().digest().top() {
+        assert!(tokio::time::Instant::now() < deadline, "the new node never caught up");
+        new.cluster.anti_entropy_round();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(small_held(&new), 300);
+    assert_eq!(siblings(new.node()), siblings_wanted);
+    // The old node's reply is larger than a frame too.
+    let read = new.cluster.read(&k("big"), Consistency::All, DEADLINE, None).await.unwrap();
+    assert_eq!(read.harvest.replicas_header(), "2/2");
+    assert_eq!(read.state.value.register().values().count(), siblings_wanted);
+    let metrics = new.cluster.channel().metrics();
+    assert_eq!(metrics.frames_refused.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "nothing left half-joined");
+}
+
+/// While a peer cannot be reached, a hundred writes of one key wait in its
+/// outbox as one delta; once it is back, it converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_one_key_wait_for_an_unreachable_peer_as_one_delta() {
+    let mut nodes = cluster(2, None).await;
+    nodes[0].cluster.write(incr("hot", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    nodes[1].stop_listening();
+    let channel = nodes[0].cluster.channel();
+    let outbox = |channel: &Arc<PeerChannel>| channel.outbox_bytes()[0].1;
+    // Anything already in flight drains into the closing connection first.
+    eventually("the outbox is empty", || outbox(channel) == 0).await;
+    let before = channel.metrics().deltas_coalesced.load(Ordering::Relaxed);
+    for _ in 0..100 {
+        nodes[0].cluster.write(incr("hot", 1), WriteQuorum::One, DEADLINE).await.unwrap();
+    }
+    let coalesced = channel.metrics().deltas_coalesced.load(Ordering::Relaxed) - before;
+    assert!(coalesced >= 90, "{coalesced} of 100 writes joined a waiting delta");
+    assert!(outbox(channel) < 1024, "one small delta waits: {} bytes", outbox(channel));
+    nodes[1].listen_again().await;
+    eventually("the peer counts every write", || nodes[1].counter("hot") == Some(101)).await;
+}
+
+/// A node that joins empty beside 3,000 keys is repaired by rounds that follow
+/// each other while they repair something — no periodic round runs here, only
+/// the one each new connection opens with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_behind_node_is_repaired_by_chained_rounds_without_the_periodic_one() {
+    let old = TestNode::start(None).await;
+    for i in 0..3000 {
+        old.node().apply(&incr(&format!("many/{i}"), 1)).unwrap();
+    }
+    let new = TestNode::start(None).await;
+    let started = tokio::time::Instant::now();
+    new.cluster.channel().set_peers(vec![old.peer()]);
+    old.cluster.channel().set_peers(vec![new.peer()]);
+    let deadline = started + Duration::from_secs(30);
+    while old.node().digest().top() != new.node().digest().top() {
+        assert!(tokio::time::Instant::now() < deadline, "the new node never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let repaired = new.cluster.channel().metrics().keys_repaired.load(Ordering::Relaxed);
+    assert_eq!(repaired, 3000);
+    eprintln!("3000 keys repaired in {took:?} ({:.0} keys/s)", 3000.0 / took.as_secs_f64());
 }

@@ -53,6 +53,8 @@ fn messages() -> Vec<PeerMessage> {
             states: vec![("s".into(), set), ("m".into(), map)],
             want: vec!["x".into()],
         }),
+        PeerMessage::Ping,
+        PeerMessage::Part { message: 1, index: 0, total: 1 << 21, bytes: vec![1, 2, 3] },
     ]
 }
 

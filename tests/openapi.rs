@@ -254,3 +254,38 @@ fn every_error_code_the_api_produces_is_in_the_spec_with_its_design_status() {
         assert_eq!(Some(&status.as_u16()), design_status.get(code), "status of {code} ({error})");
     }
 }
+
+/// The text of one response of an operation: from its status line to the next
+/// response at the same indentation.
+fn spec_response(path: &str, method: &str, status: &str) -> String {
+    let path_line = format!("\n  {path}:\n");
+    let rest = &SPEC[SPEC.find(&path_line).unwrap_or_else(|| panic!("{path} in the spec"))..];
+    let rest = &rest[rest.find(&format!("\n    {method}:\n")).expect("the method")..];
+    let mut lines = rest.lines().skip_while(|l| !l.starts_with(&format!("        \"{status}\":")));
+    let first = lines.next().unwrap_or_else(|| panic!("{method} {path} has no {status}"));
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let nested = lines.take_while(|l| indent(l) > 8);
+    std::iter::once(first).chain(nested).collect::<Vec<_>>().join("\n")
+}
+
+/// Every answer of a read over replicas says its harvest: the spec documents
+/// the headers on each status, and a live node sends them on 200 and 404.
+#[tokio::test]
+async fn every_answer_of_a_read_over_replicas_carries_its_harvest() {
+    for status in ["200", "300", "404", "503"] {
+        let response = spec_response("/v1/kv/{key}", "get", status);
+        for header in ["X-Harvest", "X-Replicas"] {
+            assert!(response.contains(header), "GET /v1/kv/{{key}} {status} lacks {header}");
+        }
+    }
+    let server = TestServer::start().await;
+    send(server.put("/v1/kv/h")).await;
+    for path in ["/v1/kv/h?consistency=one", "/v1/kv/missing?consistency=all&min_harvest=0.5"] {
+        let response = send(server.get(path)).await;
+        assert_eq!(header(&response, "x-harvest"), Some("1.00"), "{path}");
+        assert_eq!(header(&response, "x-replicas"), Some("1/1"), "{path}");
+    }
+    let local = send(server.get("/v1/kv/h")).await;
+    assert_eq!(header(&local, "x-harvest"), None, "a local read reports nothing");
+    server.stop().await;
+}

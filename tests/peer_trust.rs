@@ -225,6 +225,7 @@ async fn three_hundred_idle_connections_do_not_lock_out_a_real_peer() {
         handshake_timeout: Duration::from_secs(120),
         handshakes_max: 64,
         inbound_connections_max: 256,
+        ..PeerSettings::default()
     };
     let target = TestNode::start(Some(secret()), settings).await;
     let mut idle = Vec::new();

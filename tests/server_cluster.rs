@@ -63,8 +63,32 @@ async fn a_write_on_node_1_is_read_on_node_3_and_a_quorum_survives_a_stopped_nod
         .await
         .unwrap();
     assert_eq!(all.status(), 503);
+    assert_eq!(all.headers()["x-harvest"], "0.67", "a 503 says its harvest too");
+    assert_eq!(all.headers()["x-replicas"], "2/3");
     let body: serde_json::Value = all.json().await.unwrap();
     assert_eq!(body["error"]["code"], "insufficient_harvest");
+    let half = http
+        .get(url(&servers[0], "/v1/kv/greeting?consistency=all&min_harvest=0.5&timeout_ms=300"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(half.status(), 200, "min_harvest loosens all");
+    assert_eq!(half.headers()["x-replicas"], "2/3");
+    for consistency in ["one", "quorum"] {
+        let started = tokio::time::Instant::now();
+        let path = format!("/v1/kv/greeting?consistency={consistency}&timeout_ms=5000");
+        let read = http.get(url(&servers[0], &path)).send().await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(read.status(), 200);
+        assert!(took < Duration::from_secs(1), "{consistency} took {took:?} of 5 s");
+    }
+    let missing = http
+        .get(url(&servers[0], "/v1/kv/nothing?consistency=quorum&timeout_ms=5000"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.headers()["x-replicas"], "2/3", "a 404 says its harvest too");
     for server in servers {
         server.shutdown().await.unwrap();
     }

@@ -1,10 +1,11 @@
 //! `/v1/kv`: reads, writes, CRDT operations and scans of keys.
 
 use super::{ApiError, AppState};
+use crate::envelope::Envelope;
 use crate::op::{Action, CrdtOp, Key, Op};
 use crate::quorum::IdempotencyKey;
 use crate::read::{ReadResult, TypedValue};
-use crate::replication::cluster::WriteQuorum;
+use crate::replication::cluster::{ClusterError, WriteQuorum};
 use crate::replication::harvest::Consistency;
 use crate::{Applied, Limits, NodeError};
 use axum::body::Bytes;
@@ -169,16 +170,36 @@ pub(super) async fn get(
     let limits = state.node().limits();
     let key = key_of(path, limits)?;
     let Query(params) = params.map_err(|e| ApiError::BadRequest { reason: e.body_text() })?;
-    let min_harvest = params.min_harvest.unwrap_or(0.0);
-    if !(0.0..=1.0).contains(&min_harvest) {
+    if params.min_harvest.is_some_and(|h| !(0.0..=1.0).contains(&h)) {
         return Err(ApiError::BadRequest { reason: "min_harvest must be between 0 and 1".into() });
     }
     let timeout = timeout_of(params.timeout_ms, READ_TIMEOUT_DEFAULT, limits)?;
-    let read = state.cluster().read(&key, params.consistency, timeout, min_harvest).await?;
-    let harvest = (params.consistency != Consistency::Local || params.min_harvest.is_some())
-        .then_some(read.harvest);
-    let Some(ReadResult { values, context }) = ReadResult::of(&read.state) else {
-        return Err(ApiError::NotFound { what: format!("key {:?}", key.as_str()) });
+    // A read above `local`, or one with `min_harvest`, says its harvest on
+    // every answer: 200, 300, 404 and 503 alike.
+    let reports = params.consistency != Consistency::Local || params.min_harvest.is_some();
+    let read = state.cluster().read(&key, params.consistency, timeout, params.min_harvest).await;
+    let (response, harvest) = match read {
+        Ok(read) => (read_response(&key, &read.state), read.harvest),
+        Err(ClusterError::InsufficientHarvest { harvest }) => {
+            let error = ApiError::InsufficientHarvest { harvest: harvest.to_string() };
+            (error.into_response(), harvest)
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let mut response = response;
+    if reports {
+        let headers = response.headers_mut();
+        headers.insert(X_HARVEST, HeaderValue::from_str(&harvest.header()).expect("digits"));
+        headers
+            .insert(X_REPLICAS, HeaderValue::from_str(&harvest.replicas_header()).expect("digits"));
+    }
+    Ok(response)
+}
+
+/// The answer to a read of `state`: its value, or 404.
+fn read_response(key: &Key, state: &Envelope) -> Response {
+    let Some(ReadResult { values, context }) = ReadResult::of(state) else {
+        return ApiError::NotFound { what: format!("key {:?}", key.as_str()) }.into_response();
     };
     let response = match values.as_slice() {
         [TypedValue::Register(v)] if v.len() == 1 => raw(v[0].clone()),
@@ -192,14 +213,7 @@ pub(super) async fn get(
             (StatusCode::MULTIPLE_CHOICES, Json(body)).into_response()
         }
     };
-    let mut response = with_context(response, &context);
-    if let Some(harvest) = harvest {
-        let headers = response.headers_mut();
-        headers.insert(X_HARVEST, HeaderValue::from_str(&harvest.header()).expect("digits"));
-        headers
-            .insert(X_REPLICAS, HeaderValue::from_str(&harvest.replicas_header()).expect("digits"));
-    }
-    Ok(response)
+    with_context(response, &context)
 }
 
 fn raw(bytes: bytes::Bytes) -> Response {

@@ -11,8 +11,8 @@
 //!
 //! Handlers keep no session state, so a lost or duplicated message only ends or
 //! repeats a round; merging is idempotent. Every message is bounded (groups,
-//! buckets and keys per round), so a large difference is repaired over several
-//! rounds. Cost: with `d` differing keys, a round exchanges O(groups + buckets of
+//! buckets and keys per round, and the states' bytes), so a large difference is
+//! repaired over several rounds. Cost: with `d` differing keys, a round exchanges O(groups + buckets of
 //! the differing groups + keys of the differing buckets + d) entries, independent
 //! of the total number of keys as long as differences are few.
 
@@ -29,6 +29,11 @@ pub const GROUPS_PER_ROUND_MAX: usize = 8;
 pub const BUCKETS_PER_ROUND_MAX: usize = 32;
 /// Key states one message carries.
 pub const STATES_PER_MESSAGE_MAX: usize = 256;
+/// Encoded bytes of the states one message carries, unless it carries a
+/// single state larger than that (which then travels alone, in parts: see
+/// `peer.rs`). Small states go first, so a large key waits for the small
+/// differences of its round instead of holding them up.
+pub const STATES_BYTES_PER_MESSAGE_MAX: usize = 1024 * 1024;
 
 /// One message of the anti-entropy exchange.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -108,7 +113,7 @@ pub fn handle(
         }
         AntiEntropy::Keys { buckets } => {
             check_len("buckets", buckets.len(), BUCKETS_PER_ROUND_MAX)?;
-            let mut states = Vec::new();
+            let mut differing = Vec::new();
             let mut want = Vec::new();
             for (bucket, theirs) in buckets {
                 let theirs: BTreeMap<&str, u64> =
@@ -116,9 +121,9 @@ pub fn handle(
                 let mine = node.bucket_entries(*bucket)?;
                 for (key, hash) in &mine {
                     if theirs.get(key.as_str()) != Some(hash)
-                        && states.len() < STATES_PER_MESSAGE_MAX
+                        && differing.len() < STATES_PER_MESSAGE_MAX
                     {
-                        states.push((key.clone(), node.envelope(&stored_key(node, key)?)?));
+                        differing.push(stored_key(node, key)?);
                     }
                 }
                 let mine: BTreeMap<&str, u64> =
@@ -129,6 +134,7 @@ pub fn handle(
                     }
                 }
             }
+            let states = states_within_bytes(node, differing)?;
             (!states.is_empty() || !want.is_empty()).then_some(AntiEntropy::States { states, want })
         }
         AntiEntropy::States { states, want } => {
@@ -139,18 +145,46 @@ pub fn handle(
                     handled.keys_repaired += 1;
                 }
             }
-            let mut reply = Vec::new();
-            for key in want {
-                let key = stored_key(node, key)?;
-                let state = node.envelope(&key)?;
-                if !state.value.context().is_empty() || !state.lww.is_unset() {
-                    reply.push((key.to_string(), state));
-                }
-            }
+            let wanted = want.iter().map(|key| stored_key(node, key)).collect::<Result<_, _>>()?;
+            let reply = states_within_bytes(node, wanted)?;
             (!reply.is_empty()).then_some(AntiEntropy::States { states: reply, want: vec![] })
         }
     };
     Ok((reply, handled))
+}
+
+/// The states of `keys` (those with any content) that fit
+/// [`STATES_BYTES_PER_MESSAGE_MAX`], in order, skipping the ones that do not
+/// fit; when none fits, the first of them alone, however large. States are
+/// loaded one at a time, so at most one large state is held.
+fn states_within_bytes(node: &Node, keys: Vec<Key>) -> Result<Vec<(String, Envelope)>, NodeError> {
+    let mut states = Vec::new();
+    let mut bytes = 0usize;
+    let mut first_too_large: Option<Key> = None;
+    for key in keys {
+        let state = node.envelope(&key)?;
+        if state.value.context().is_empty() && state.lww.is_unset() {
+            continue;
+        }
+        let size = encoded_len(&state);
+        if bytes + size <= STATES_BYTES_PER_MESSAGE_MAX {
+            bytes += size;
+            states.push((key.to_string(), state));
+        } else if first_too_large.is_none() {
+            first_too_large = Some(key);
+        }
+    }
+    if let (true, Some(key)) = (states.is_empty(), first_too_large) {
+        let state = node.envelope(&key)?;
+        states.push((key.to_string(), state));
+    }
+    Ok(states)
+}
+
+/// Bytes of a state's encoding (`usize::MAX` when it cannot be encoded, so
+/// it never counts as small).
+fn encoded_len(state: &Envelope) -> usize {
+    calmkv_crdts::encode(state).map_or(usize::MAX, |bytes| bytes.len())
 }
 
 fn stored_key(node: &Node, key: &str) -> Result<Key, NodeError> {

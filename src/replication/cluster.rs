@@ -8,6 +8,7 @@
 use super::harvest::{Consistency, Harvest};
 use super::message::PeerMessage;
 use super::peer::PeerChannel;
+use super::request::{call_many, Strategy};
 use crate::envelope::Envelope;
 use crate::invariants::Route;
 use crate::op::{Key, Op};
@@ -253,33 +254,32 @@ impl Cluster {
             self.channel.replicate(key.as_str(), &applied.delta, None);
             return Ok(applied);
         }
-        let id = self.channel.next_id();
-        let mut answers = self.channel.wait_for(id);
-        self.channel.replicate(key.as_str(), &applied.delta, Some(id));
+        let peers: Vec<NodeId> = self.channel.peers().iter().map(|p| p.id).collect();
+        let deltas = vec![(key.to_string(), applied.delta.clone())];
+        let request = |id| PeerMessage::Deltas { deltas, ack: Some(id) };
         let deadline = Instant::now() + timeout;
-        let mut acked = 1;
-        while acked < wanted {
-            match tokio::time::timeout_at(deadline, answers.recv()).await {
-                Ok(Some((_, PeerMessage::Acked { .. }))) => acked += 1,
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        self.channel.forget(id);
+        let answers =
+            call_many(&self.channel, &peers, request, Strategy::FirstOf(wanted - 1), deadline)
+                .await;
+        let acked = 1 + answers.values().filter(|a| matches!(a, PeerMessage::Acked { .. })).count();
         if acked < wanted {
             return Err(ClusterError::InsufficientAcks { acked, wanted });
         }
         Ok(applied)
     }
 
-    /// Reads a key from the replicas `consistency` asks for, merging what arrives
-    /// by `timeout`; repairs replicas that answered with less than the merge.
+    /// Reads a key from the replicas `consistency` asks for: the local state
+    /// first, then the peers' through [`call_many`], answering as soon as the
+    /// level and `min_harvest` are met ([`Consistency::needed`]) — `one` from
+    /// the local replica alone, `quorum` at a majority — while `all` waits for
+    /// every replica or `timeout`. Repairs replicas that answered with less
+    /// than the merge. The error carries the harvest too.
     pub async fn read(
         &self,
         key: &Key,
         consistency: Consistency,
         timeout: Duration,
-        min_harvest: f64,
+        min_harvest: Option<f64>,
     ) -> Result<ClusterRead, ClusterError> {
         let node = self.node().clone();
         let local = blocking({
@@ -287,34 +287,22 @@ impl Cluster {
             move || node.envelope(&key)
         })
         .await?;
-        let replicas = self.replicas_for(key).len();
-        if consistency == Consistency::Local {
-            let harvest = Harvest { answered: 1, replicas };
-            if !harvest.satisfies(consistency, min_harvest) {
-                return Err(ClusterError::InsufficientHarvest { harvest });
-            }
-            return Ok(ClusterRead { state: local, harvest });
-        }
-        let id = self.channel.next_id();
-        let mut answers = self.channel.wait_for(id);
-        for peer in self.channel.peers() {
-            self.channel.send(peer.id, &PeerMessage::Read { id, key: key.to_string() });
-        }
+        let replicas = self.replicas_for(key);
+        let peers: Vec<NodeId> =
+            replicas.iter().copied().filter(|id| *id != self.node().id()).collect();
+        let strategy = consistency.strategy(min_harvest, replicas.len());
+        let request = |id| PeerMessage::Read { id, key: key.to_string() };
         let deadline = Instant::now() + timeout;
+        let answers = call_many(&self.channel, &peers, request, strategy, deadline).await;
         let mut states: BTreeMap<NodeId, Envelope> = BTreeMap::from([(self.node().id(), local)]);
-        while states.len() < replicas {
-            match tokio::time::timeout_at(deadline, answers.recv()).await {
-                Ok(Some((from, PeerMessage::ReadReply { state, .. }))) => {
-                    states.insert(from, state);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+        for (from, answer) in answers {
+            if let PeerMessage::ReadReply { state, .. } = answer {
+                states.insert(from, state);
             }
         }
-        self.channel.forget(id);
         let merged = states.values().fold(Envelope::default(), |acc, s| acc.merged(s));
         self.repair(key, &merged, &states).await?;
-        let harvest = Harvest { answered: states.len(), replicas };
+        let harvest = Harvest { answered: states.len(), replicas: replicas.len() };
         if !harvest.satisfies(consistency, min_harvest) {
             return Err(ClusterError::InsufficientHarvest { harvest });
         }

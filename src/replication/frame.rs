@@ -183,6 +183,11 @@ pub enum FrameError {
     /// The tag does not verify under the cluster secret.
     #[error("frame failed authentication")]
     BadTag,
+    /// Nothing arrived on the connection within its heartbeat timeout (its
+    /// other end is gone or stalled); not a bad frame, but the connection is
+    /// closed all the same.
+    #[error("no frame within the heartbeat timeout")]
+    Silent,
     /// The body is not a valid message.
     #[error("malformed frame body: {reason}")]
     Malformed {
@@ -229,11 +234,21 @@ pub fn encode_frame<M: serde::Serialize>(
 /// without length prefix or tag (the connection adds both). Refused when the
 /// frame, tag included, would exceed [`PEER_FRAME_BYTES_MAX`].
 pub fn encode_body<M: serde::Serialize>(message: &M) -> Result<Vec<u8>, FrameError> {
+    encode_bounded(message, PEER_FRAME_BYTES_MAX - TAG_BYTES)
+}
+
+/// Encodes a message as its version byte and MessagePack body, refused past
+/// `bytes_max` (a message that travels in parts is bounded by the whole
+/// message's limit, not one frame's).
+pub fn encode_bounded<M: serde::Serialize>(
+    message: &M,
+    bytes_max: usize,
+) -> Result<Vec<u8>, FrameError> {
     let mut body = vec![FRAME_VERSION];
     let mut serializer = rmp_serde::Serializer::new(&mut body).with_struct_map();
     serde::Serialize::serialize(message, &mut serializer)
         .map_err(|e| FrameError::Malformed { reason: e.to_string() })?;
-    if body.len() + TAG_BYTES > PEER_FRAME_BYTES_MAX {
+    if body.len() > bytes_max {
         return Err(FrameError::TooLarge { bytes: body.len() + TAG_BYTES });
     }
     Ok(body)

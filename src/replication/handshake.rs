@@ -37,7 +37,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// First bytes of every peer connection.
 pub const MAGIC: [u8; 4] = *b"CKVP";
 /// Version of the peer protocol (handshake and frames) this build speaks.
-pub const PEER_PROTOCOL_VERSION: u8 = 2;
+pub const PEER_PROTOCOL_VERSION: u8 = 5;
 /// Bytes of a nonce.
 pub const NONCE_BYTES: usize = 32;
 /// Bytes of a proof (an HMAC-SHA256).

@@ -14,3 +14,4 @@ pub mod harvest;
 pub mod message;
 pub mod outbox;
 pub mod peer;
+pub mod request;

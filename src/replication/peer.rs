@@ -17,7 +17,10 @@
 //! reconnects replaces its old connection).
 //!
 //! A peer's traffic waits in its [`Outbox`]; the dialing task drains it and
-//! reconnects with backoff when the connection breaks. Frames lost with a broken
+//! reconnects with backoff when the connection breaks or falls silent (the
+//! dialer pings, the acceptor answers each ping with one byte, and either end
+//! drops a connection that stays silent for [`PeerSettings::heartbeat_timeout`]).
+//! Every new connection opens with an anti-entropy round. Frames lost with a broken
 //! connection, or dropped by a full outbox, are repaired by anti-entropy. A bad
 //! frame (oversized, unauthenticated, malformed) closes the connection it came on
 //! and is counted; the node keeps serving. A frame's body is read as its bytes
@@ -30,11 +33,12 @@
 use super::admission;
 use super::anti_entropy::{self, AntiEntropy};
 use super::frame::{
-    decode_body, encode_body, frame_len, ClusterSecret, FrameError, SessionKey, TAG_BYTES,
+    decode_body, encode_body, encode_bounded, frame_len, ClusterSecret, FrameError, SessionKey,
+    TAG_BYTES,
 };
 use super::handshake::{self, HandshakeError, RefusalKind};
 use super::message::PeerMessage;
-use super::outbox::Outbox;
+use super::outbox::{Outbox, Queued};
 use crate::envelope::Envelope;
 use crate::op::Key;
 use crate::Node;
@@ -44,7 +48,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -67,6 +71,33 @@ pub const HANDSHAKES_MAX: usize = 64;
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// Least time between two log lines about refused handshakes.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Default time between two pings a dialer sends on an established connection.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time a connection may go without sign of life from its other end
+/// (a pong for the dialer, any frame for the acceptor) before it is dropped;
+/// also the longest a single frame write may take.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Least time between two follow-up anti-entropy rounds with one peer (see
+/// [`PeerChannel::follow_up_round`]).
+pub const FOLLOW_UP_ROUND_PERIOD: Duration = Duration::from_millis(20);
+/// Bytes of a message body carried by one [`PeerMessage::Part`]; a body
+/// larger than this travels in parts.
+pub const PART_BYTES: usize = 1024 * 1024;
+/// The largest message body the channel carries, in parts: more than the
+/// largest register the limits allow (64 siblings of 1 MiB) with its context.
+/// A larger state (a set or map grown past it) is not sent and is counted in
+/// `messages_too_large`.
+pub const PEER_MESSAGE_BYTES_MAX: usize = 160 * 1024 * 1024;
+/// Default bytes of messages being joined from their parts over every
+/// connection at once; a message that would cross it is read and discarded
+/// (counted in `messages_discarded`), and anti-entropy sends it again later.
+pub const ASSEMBLY_BYTES_MAX: usize = 256 * 1024 * 1024;
+const _: () = assert!(PART_BYTES + 64 + TAG_BYTES <= super::frame::PEER_FRAME_BYTES_MAX);
+const _: () = assert!(PEER_MESSAGE_BYTES_MAX <= ASSEMBLY_BYTES_MAX);
+
+/// The byte an acceptor writes back for every [`PeerMessage::Ping`]: the only
+/// thing it ever writes after the handshake.
+pub const PONG: u8 = 0x50;
 
 /// Bounds of the peer channel's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +108,15 @@ pub struct PeerSettings {
     pub handshakes_max: usize,
     /// Authenticated inbound connections at once.
     pub inbound_connections_max: usize,
+    /// Time between the pings a dialer sends.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a connection is taken for dead and dropped (the
+    /// dialer then reconnects); also the bound on writing one frame. Must be
+    /// longer than `heartbeat_interval`.
+    pub heartbeat_timeout: Duration,
+    /// Bytes of messages being joined from their parts, over every
+    /// connection at once.
+    pub assembly_bytes_max: usize,
 }
 
 impl Default for PeerSettings {
@@ -85,6 +125,9 @@ impl Default for PeerSettings {
             handshake_timeout: handshake::HANDSHAKE_TIMEOUT,
             handshakes_max: HANDSHAKES_MAX,
             inbound_connections_max: INBOUND_CONNECTIONS_MAX,
+            heartbeat_interval: HEARTBEAT_INTERVAL,
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
+            assembly_bytes_max: ASSEMBLY_BYTES_MAX,
         }
     }
 }
@@ -115,12 +158,18 @@ pub struct PeerMetrics {
     pub frames_refused: AtomicU64,
     /// Deltas merged from peers that changed a key.
     pub deltas_applied: AtomicU64,
+    /// Deltas of local writes joined into one already waiting for its key
+    /// in a peer's outbox.
+    pub deltas_coalesced: AtomicU64,
     /// Anti-entropy rounds started.
     pub anti_entropy_rounds: AtomicU64,
     /// Keys changed by anti-entropy.
     pub keys_repaired: AtomicU64,
     /// Connections (re)established to peers.
     pub connects: AtomicU64,
+    /// Connections dropped because their other end fell silent (no pong, no
+    /// frame, or a write that did not finish within the heartbeat timeout).
+    pub connections_stalled: AtomicU64,
     /// Handshakes completed, either direction.
     pub handshakes: AtomicU64,
     /// Handshakes refused or abandoned, by [`RefusalKind`] (either direction).
@@ -131,6 +180,13 @@ pub struct PeerMetrics {
     pub states_refused: AtomicU64,
     /// Gauge: bytes held in frame bodies still being read.
     pub inbound_buffered_bytes: AtomicU64,
+    /// Gauge: bytes held in messages being joined from their parts.
+    pub assembly_bytes: AtomicU64,
+    /// Messages in parts read and discarded: joining them would have crossed
+    /// the assembly budget.
+    pub messages_discarded: AtomicU64,
+    /// Messages not sent: their body exceeds [`PEER_MESSAGE_BYTES_MAX`].
+    pub messages_too_large: AtomicU64,
     /// Gauge: accepted connections still in their handshake.
     pub handshakes_pending: AtomicU64,
     /// Gauge: authenticated inbound connections.
@@ -242,6 +298,21 @@ impl PeerMetrics {
                 get(&self.inbound_buffered_bytes),
             ),
             (
+                "calmkv_peer_assembly_bytes",
+                "Bytes held in peer messages being joined from their parts.",
+                get(&self.assembly_bytes),
+            ),
+            (
+                "calmkv_peer_messages_discarded_total",
+                "Peer messages in parts discarded: the assembly budget was spent.",
+                get(&self.messages_discarded),
+            ),
+            (
+                "calmkv_peer_messages_too_large_total",
+                "Messages not sent to peers: larger than the message bound.",
+                get(&self.messages_too_large),
+            ),
+            (
                 "calmkv_peer_handshakes_pending",
                 "Accepted peer connections still in their handshake.",
                 get(&self.handshakes_pending),
@@ -283,6 +354,11 @@ impl PeerMetrics {
                 get(&self.deltas_applied),
             ),
             (
+                "calmkv_replication_deltas_coalesced_total",
+                "Deltas of local writes joined into one already waiting for their key.",
+                get(&self.deltas_coalesced),
+            ),
+            (
                 "calmkv_anti_entropy_rounds_total",
                 "Anti-entropy rounds started.",
                 get(&self.anti_entropy_rounds),
@@ -296,6 +372,11 @@ impl PeerMetrics {
                 "calmkv_peer_connects_total",
                 "Connections established to peers.",
                 get(&self.connects),
+            ),
+            (
+                "calmkv_peer_connections_stalled_total",
+                "Peer connections dropped because the other end fell silent.",
+                get(&self.connections_stalled),
             ),
         ]
     }
@@ -365,6 +446,8 @@ impl Drop for SlotGuard<'_> {
 
 struct Link {
     outbox: Arc<Outbox>,
+    /// Tells the dialing task to drop its connection and dial again now.
+    redial: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -381,6 +464,8 @@ pub struct PeerChannel {
     pending: Pending,
     next_id: AtomicU64,
     metrics: Arc<PeerMetrics>,
+    /// When the last follow-up round started, by peer.
+    follow_ups: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl PeerChannel {
@@ -410,6 +495,7 @@ impl PeerChannel {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             metrics: Arc::new(PeerMetrics::default()),
+            follow_ups: Mutex::new(HashMap::new()),
         })
     }
 
@@ -456,34 +542,49 @@ impl PeerChannel {
                 continue;
             }
             let outbox = Arc::new(Outbox::new(self.outbox_bytes_max));
-            let task = tokio::spawn(self.clone().dial(peer.clone(), outbox.clone()));
-            links.insert(peer.id, (peer, Link { outbox, task }));
+            let redial = Arc::new(Notify::new());
+            let task =
+                tokio::spawn(self.clone().dial(peer.clone(), outbox.clone(), redial.clone()));
+            links.insert(peer.id, (peer, Link { outbox, redial, task }));
         }
     }
 
     /// Queues a message for one peer; `false` when it is unknown or its outbox
     /// is full (the message is dropped and counted).
     pub fn send(&self, to: NodeId, message: &PeerMessage) -> bool {
-        let frame = match encode_body(message) {
-            Ok(frame) => frame,
-            Err(error) => {
-                tracing::warn!(%error, "message not sent");
-                return false;
-            }
-        };
-        self.send_frame(to, frame)
+        match self.frames_of(message) {
+            Some(frames) => self.send_frames(to, frames),
+            None => false,
+        }
     }
 
-    fn send_frame(&self, to: NodeId, frame: Vec<u8>) -> bool {
+    /// The frames that carry `message`: its body, or its parts when the body
+    /// is larger than [`PART_BYTES`]; `None` (logged, counted) when it cannot
+    /// be sent at all.
+    fn frames_of(&self, message: &PeerMessage) -> Option<Vec<Vec<u8>>> {
+        match frames_of(message) {
+            Ok(frames) => Some(frames),
+            Err(error) => {
+                if matches!(error, FrameError::TooLarge { .. }) {
+                    self.metrics.messages_too_large.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(%error, "message not sent");
+                None
+            }
+        }
+    }
+
+    fn send_frames(&self, to: NodeId, frames: Vec<Vec<u8>>) -> bool {
         let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         let Some((_, link)) = links.get(&to) else { return false };
-        match link.outbox.push(frame) {
+        let count = frames.len() as u64;
+        match link.outbox.push_all(frames) {
             Ok(()) => {
-                self.metrics.frames_queued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.frames_queued.fetch_add(count, Ordering::Relaxed);
                 true
             }
             Err(_) => {
-                self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.frames_dropped.fetch_add(count, Ordering::Relaxed);
                 false
             }
         }
@@ -492,11 +593,42 @@ impl PeerChannel {
     /// Pushes a local write's delta to every peer. Never waits: a peer whose
     /// outbox is full misses it until anti-entropy. Returns the peers it was
     /// queued for.
+    /// Without `ack` the delta joins the peer's waiting deltas, coalesced
+    /// with any other delta of the key not yet sent.
     pub fn replicate(&self, key: &str, delta: &Envelope, ack: Option<u64>) -> Vec<NodeId> {
-        let message = PeerMessage::Deltas { deltas: vec![(key.to_string(), delta.clone())], ack };
-        let Ok(frame) = encode_body(&message) else { return vec![] };
         let peers: Vec<NodeId> = self.peers().iter().map(|p| p.id).collect();
-        peers.into_iter().filter(|id| self.send_frame(*id, frame.clone())).collect()
+        if ack.is_some() {
+            let message =
+                PeerMessage::Deltas { deltas: vec![(key.to_string(), delta.clone())], ack };
+            return self.send_to_many(&peers, &message);
+        }
+        let Ok(bytes) = calmkv_crdts::encode(delta).map(|b| b.len()) else { return vec![] };
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let mut queued = Vec::new();
+        for peer in peers {
+            let Some((_, link)) = links.get(&peer) else { continue };
+            match link.outbox.push_delta(key, delta, bytes) {
+                Ok(Queued::New) => {
+                    self.metrics.frames_queued.fetch_add(1, Ordering::Relaxed);
+                    queued.push(peer);
+                }
+                Ok(Queued::Coalesced) => {
+                    self.metrics.deltas_coalesced.fetch_add(1, Ordering::Relaxed);
+                    queued.push(peer);
+                }
+                Err(_) => {
+                    self.metrics.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        queued
+    }
+
+    /// Queues one message for several peers, encoded once; returns the peers
+    /// it was queued for (not unknown, outbox not full).
+    pub fn send_to_many(&self, to: &[NodeId], message: &PeerMessage) -> Vec<NodeId> {
+        let Some(frames) = self.frames_of(message) else { return vec![] };
+        to.iter().copied().filter(|id| self.send_frames(*id, frames.clone())).collect()
     }
 
     /// Registers a waiter for the answers with `id`, from any peer; call
@@ -522,6 +654,47 @@ impl PeerChannel {
         if let Some(waiter) = self.pending.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
             let _ = waiter.send((from, message));
         }
+    }
+
+    /// A peer is back (membership saw it come up): drops the connection to
+    /// it, which may be one that lived through an outage and sits in TCP
+    /// retransmission backoff, and dials it at once. Every new connection
+    /// opens with an anti-entropy round, so the peer is repaired right away.
+    /// `false` when the peer is unknown.
+    pub fn redial(&self, peer: NodeId) -> bool {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((_, link)) = links.get(&peer) else { return false };
+        link.redial.notify_one();
+        true
+    }
+
+    /// After a round with `peer` repaired keys here, starts the next one at
+    /// once rather than at the next periodic round, so a node that is far
+    /// behind is repaired at the pace of the rounds, not of the period. At
+    /// most one such round per peer per [`FOLLOW_UP_ROUND_PERIOD`]: a round
+    /// due sooner waits for it here, on the connection's reading task (so at
+    /// most that long), which bounds the rounds in flight however both sides
+    /// chain them. The chain ends with the first round that repairs nothing.
+    async fn follow_up_round(&self, peer: NodeId) {
+        let wait = {
+            let last = self.follow_ups.lock().unwrap_or_else(|p| p.into_inner());
+            last.get(&peer)
+                .map_or(Duration::ZERO, |at| FOLLOW_UP_ROUND_PERIOD.saturating_sub(at.elapsed()))
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        {
+            let mut last = self.follow_ups.lock().unwrap_or_else(|p| p.into_inner());
+            // Bounded by the peers: forget peers no longer dialed.
+            let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+            last.retain(|id, _| links.contains_key(id));
+            if !links.contains_key(&peer) {
+                return;
+            }
+            last.insert(peer, Instant::now());
+        }
+        self.start_anti_entropy(peer);
     }
 
     /// Starts an anti-entropy round with `peer`.
@@ -627,32 +800,48 @@ impl PeerChannel {
             }
             guard.peer = Some(peer);
         }
-        let read = self.read_frames(&mut stream, peer, established.session.as_ref());
+        let (mut reader, mut writer) = stream.split();
+        let session = established.session.as_ref();
+        let read = self.read_frames(&mut reader, &mut writer, peer, session);
         let result = tokio::select! {
             result = read => result,
             _ = close.notified() => Ok(()),
         };
-        if let Err(error) = result {
-            self.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%remote, %peer, %error, "closing peer connection after a bad frame");
+        match result {
+            Ok(()) => {}
+            Err(FrameError::Silent) => {
+                self.metrics.connections_stalled.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%remote, %peer, "closing a silent peer connection");
+            }
+            Err(error) => {
+                self.metrics.frames_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%remote, %peer, %error, "closing peer connection after a bad frame");
+            }
         }
         drop(guard);
     }
 
-    /// Reads and dispatches frames from `peer` until the connection closes or a
-    /// frame is refused.
-    async fn read_frames<S: AsyncRead + Unpin>(
+    /// Reads and dispatches frames from `peer` until the connection closes, a
+    /// frame is refused, or nothing arrives for the heartbeat timeout (the
+    /// dialer pings more often than that). Every [`PeerMessage::Ping`] is
+    /// answered with one [`PONG`] byte on `pongs`.
+    async fn read_frames<S: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
+        pongs: &mut W,
         peer: NodeId,
         session: Option<&SessionKey>,
     ) -> Result<(), FrameError> {
         let tag_bytes = if session.is_some() { TAG_BYTES } else { 0 };
+        let idle = self.settings.heartbeat_timeout;
         let mut seq = 0u64;
+        let mut assembly = Assembly::new(&self.metrics, self.settings.assembly_bytes_max);
         loop {
             let mut prefix = [0u8; 4];
-            if stream.read_exact(&mut prefix).await.is_err() {
-                return Ok(()); // closed
+            match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
+                Err(_) => return Err(FrameError::Silent),
+                Ok(Err(_)) => return Ok(()), // closed
+                Ok(Ok(_)) => {}
             }
             let len = frame_len(prefix)?;
             if len < 1 + tag_bytes {
@@ -661,7 +850,7 @@ impl PeerChannel {
             let message = {
                 let mut buffered =
                     Buffered { gauge: &self.metrics.inbound_buffered_bytes, held: 0 };
-                let mut body = read_body(stream, len, &mut buffered).await?;
+                let mut body = read_body(stream, len, &mut buffered, idle).await?;
                 if let Some(session) = session {
                     if !session.open(seq, &mut body) {
                         return Err(FrameError::BadTag);
@@ -672,6 +861,31 @@ impl PeerChannel {
             seq += 1;
             self.metrics.frames_received.fetch_add(1, Ordering::Relaxed);
             self.metrics.bytes_received.fetch_add(len as u64 + 4, Ordering::Relaxed);
+            let message = match message {
+                PeerMessage::Ping => {
+                    match tokio::time::timeout(idle, pongs.write_all(&[PONG])).await {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(_)) => return Ok(()), // closed
+                        Err(_) => return Err(FrameError::Silent),
+                    }
+                }
+                PeerMessage::Part { message, index, total, bytes } => {
+                    match assembly.add(PartIn { message, index, total, bytes })? {
+                        None => continue,
+                        Some(body) => match decode_body::<PeerMessage>(&body)? {
+                            PeerMessage::Part { .. } | PeerMessage::Ping => {
+                                let reason = "a message in parts that is a part or a ping".into();
+                                return Err(FrameError::Malformed { reason });
+                            }
+                            whole => whole,
+                        },
+                    }
+                }
+                whole => {
+                    assembly.abandon();
+                    whole
+                }
+            };
             self.dispatch(peer, message).await;
         }
     }
@@ -727,18 +941,21 @@ impl PeerChannel {
                 let answer =
                     tokio::task::spawn_blocking(move || handle_request(&node, &metrics, other))
                         .await;
-                match answer {
-                    Ok(Some(reply)) => {
-                        self.send(from, &reply);
-                    }
-                    Ok(None) => {}
+                let (reply, repaired) = match answer {
+                    Ok(answer) => answer,
                     Err(join) => std::panic::resume_unwind(join.into_panic()),
+                };
+                if let Some(reply) = reply {
+                    self.send(from, &reply);
+                }
+                if repaired > 0 {
+                    self.follow_up_round(from).await;
                 }
             }
         }
     }
 
-    async fn dial(self: Arc<Self>, peer: Peer, outbox: Arc<Outbox>) {
+    async fn dial(self: Arc<Self>, peer: Peer, outbox: Arc<Outbox>, redial: Arc<Notify>) {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(peer.addr)).await {
@@ -753,8 +970,17 @@ impl PeerChannel {
                             self.metrics.connects.fetch_add(1, Ordering::Relaxed);
                             self.metrics.handshakes.fetch_add(1, Ordering::Relaxed);
                             let session = established.session.as_ref();
-                            if let Err(error) = self.write_frames(stream, &outbox, session).await {
-                                tracing::debug!(peer = %peer.id, %error, "peer connection broke");
+                            let written = self.write_frames(stream, &outbox, session, &redial);
+                            match written.await {
+                                Ok(()) => tracing::debug!(peer = %peer.id, "redialing peer"),
+                                Err(error) => {
+                                    if error.kind() == std::io::ErrorKind::TimedOut {
+                                        self.metrics
+                                            .connections_stalled
+                                            .fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    tracing::debug!(peer = %peer.id, %error, "peer connection broke");
+                                }
                             }
                         }
                         Err(error) => self.metrics.refuse_handshake(peer.addr, "dialed", &error),
@@ -763,48 +989,252 @@ impl PeerChannel {
                 Ok(Err(error)) => tracing::debug!(peer = %peer.id, %error, "cannot reach peer"),
                 Err(_) => tracing::debug!(peer = %peer.id, "connecting timed out"),
             }
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = redial.notified() => backoff = RECONNECT_BACKOFF_MIN,
+            }
             backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
         }
     }
 
     /// Drains the outbox onto an established connection, sealing each frame
-    /// under the session key and its sequence number. The acceptor never
-    /// writes after the handshake, so anything readable on `stream` means it
-    /// closed the connection (say, after refusing a frame): the dialer then
-    /// reconnects at once instead of writing into a dead socket.
+    /// under the session key and its sequence number, until the connection
+    /// breaks or falls silent (an error) or `redial` is notified (`Ok`).
+    ///
+    /// The connection opens with an anti-entropy round, ahead of whatever
+    /// waits in the outbox: a new connection follows an outage, a restart or a
+    /// stalled predecessor whose frames were lost, and the round repairs them
+    /// now rather than at the next periodic round. Then a
+    /// [`PeerMessage::Ping`] goes out every heartbeat interval; the acceptor
+    /// answers each with one [`PONG`] byte, the only bytes it ever writes, and
+    /// a connection that hears nothing for the heartbeat timeout, or cannot
+    /// write a frame within it, is taken for dead (`TimedOut`). End of stream
+    /// or any other byte means the acceptor closed the connection (say, after
+    /// refusing a frame), and the dialer reconnects at once instead of writing
+    /// into a dead socket.
     async fn write_frames(
         &self,
         stream: TcpStream,
         outbox: &Outbox,
         session: Option<&SessionKey>,
+        redial: &Notify,
     ) -> std::io::Result<()> {
         let (mut reader, writer) = stream.into_split();
-        let mut writer = BufWriter::new(writer);
-        let mut seq = 0u64;
-        let mut probe = [0u8; 1];
+        let mut writer = Writer { inner: BufWriter::new(writer), seq: 0, session };
+        let timeout = self.settings.heartbeat_timeout;
+        let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer fell silent");
+        let mut heard = Instant::now();
+        let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pongs = [0u8; 64];
+        self.metrics.anti_entropy_rounds.fetch_add(1, Ordering::Relaxed);
+        let round = encode_body(&PeerMessage::AntiEntropy(anti_entropy::start(&self.node)))
+            .map_err(std::io::Error::other)?;
+        let mut batch = vec![round];
         loop {
+            for body in batch.drain(..) {
+                let sent = tokio::time::timeout(timeout, writer.write(body))
+                    .await
+                    .map_err(|_| stalled())??;
+                self.metrics.bytes_sent.fetch_add(sent as u64, Ordering::Relaxed);
+            }
+            tokio::time::timeout(timeout, writer.inner.flush()).await.map_err(|_| stalled())??;
             tokio::select! {
-                () = outbox.ready() => {}
-                _ = reader.read(&mut probe) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionAborted,
-                        "the peer closed the connection",
-                    ));
+                () = outbox.ready() => batch = self.take_batch(outbox),
+                read = reader.read(&mut pongs) => match read {
+                    Ok(n) if n > 0 && pongs[..n].iter().all(|b| *b == PONG) => heard = Instant::now(),
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the peer closed the connection",
+                        ));
+                    }
+                },
+                _ = heartbeat.tick() => {
+                    if heard.elapsed() > timeout {
+                        return Err(stalled());
+                    }
+                    batch.push(encode_body(&PeerMessage::Ping).map_err(std::io::Error::other)?);
                 }
+                () = redial.notified() => return Ok(()),
             }
-            for mut body in outbox.take(WRITE_BATCH_BYTES) {
-                if let Some(session) = session {
-                    session.seal(seq, &mut body);
-                }
-                let len = body.len();
-                writer.write_all(&(len as u32).to_be_bytes()).await?;
-                writer.write_all(&body).await?;
-                seq += 1;
-                self.metrics.bytes_sent.fetch_add(len as u64 + 4, Ordering::Relaxed);
-            }
-            writer.flush().await?;
         }
+    }
+}
+
+/// The frame bodies that carry `message`: its own body when it is at most
+/// [`PART_BYTES`], else [`PeerMessage::Part`]s of it, numbered from 0 under a
+/// message number of their own. Refused past [`PEER_MESSAGE_BYTES_MAX`].
+pub fn frames_of(message: &PeerMessage) -> Result<Vec<Vec<u8>>, FrameError> {
+    static NEXT_MESSAGE: AtomicU64 = AtomicU64::new(1);
+    let body = encode_bounded(message, PEER_MESSAGE_BYTES_MAX)?;
+    if body.len() <= PART_BYTES {
+        return Ok(vec![body]);
+    }
+    let number = NEXT_MESSAGE.fetch_add(1, Ordering::Relaxed);
+    let total = body.len() as u64;
+    body.chunks(PART_BYTES)
+        .enumerate()
+        .map(|(index, chunk)| {
+            let bytes = chunk.to_vec();
+            encode_body(&PeerMessage::Part { message: number, index: index as u32, total, bytes })
+        })
+        .collect()
+}
+
+/// One received [`PeerMessage::Part`].
+struct PartIn {
+    message: u64,
+    index: u32,
+    total: u64,
+    bytes: Vec<u8>,
+}
+
+/// A message being joined from its parts on one connection, its bytes
+/// counted against the channel's assembly budget while held.
+///
+/// Parts are joined only in order, from part 0, under one message number. A
+/// part that does not continue the message being joined abandons it (its
+/// bytes are given back, `messages_discarded` counts it); a part other than
+/// 0 with nothing being joined is skipped: it is the tail of a message whose
+/// head went out on a connection that broke, and the sender's outbox still
+/// held the rest. So parts of two messages are never spliced into one.
+struct Assembly<'a> {
+    /// Bytes held now, over every connection, and the budget.
+    held_total: &'a AtomicU64,
+    budget: u64,
+    metrics: &'a PeerMetrics,
+    /// The message being joined: its number, size and next part; `None`
+    /// when none is.
+    joining: Option<(u64, usize, u32)>,
+    received: usize,
+    /// The bytes so far; `None` once the budget was crossed (the rest of the
+    /// parts are read and dropped).
+    body: Option<Vec<u8>>,
+}
+
+impl<'a> Assembly<'a> {
+    fn new(metrics: &'a PeerMetrics, budget: usize) -> Assembly<'a> {
+        Assembly {
+            held_total: &metrics.assembly_bytes,
+            budget: budget as u64,
+            metrics,
+            joining: None,
+            received: 0,
+            body: Some(Vec::new()),
+        }
+    }
+
+    /// Abandons the message being joined, if any: another message came
+    /// before its last part.
+    fn abandon(&mut self) {
+        if self.joining.take().is_some() {
+            self.metrics.messages_discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        self.release();
+        self.body = Some(Vec::new());
+        self.received = 0;
+    }
+
+    /// Adds a part; the whole body once its last part arrived.
+    fn add(&mut self, part: PartIn) -> Result<Option<Vec<u8>>, FrameError> {
+        let PartIn { message, index, total, bytes } = part;
+        if total == 0 || total > PEER_MESSAGE_BYTES_MAX as u64 {
+            return Err(FrameError::TooLarge { bytes: total.min(usize::MAX as u64) as usize });
+        }
+        let total = total as usize;
+        if bytes.is_empty() {
+            return Err(FrameError::Malformed { reason: "an empty part".into() });
+        }
+        let continues = self.joining == Some((message, total, index));
+        if !continues {
+            self.abandon();
+            if index != 0 {
+                return Ok(None); // the tail of a message whose head was lost
+            }
+        }
+        if self.received + bytes.len() > total {
+            return Err(FrameError::Malformed { reason: "parts longer than their message".into() });
+        }
+        self.received += bytes.len();
+        self.joining = Some((message, total, index + 1));
+        if let Some(body) = &mut self.body {
+            let grown = bytes.len() as u64;
+            let held = self.held_total.fetch_add(grown, Ordering::Relaxed) + grown;
+            if held > self.budget {
+                self.held_total.fetch_sub(grown, Ordering::Relaxed);
+                self.release();
+                self.body = None;
+            } else {
+                body.extend_from_slice(&bytes);
+            }
+        }
+        if self.received < total {
+            return Ok(None);
+        }
+        self.joining = None;
+        self.received = 0;
+        let body = self.body.replace(Vec::new());
+        if body.is_none() {
+            self.metrics.messages_discarded.fetch_add(1, Ordering::Relaxed);
+        }
+        let whole = body.inspect(|b| {
+            self.held_total.fetch_sub(b.len() as u64, Ordering::Relaxed);
+        });
+        Ok(whole)
+    }
+
+    /// Gives back the bytes held by an unfinished body.
+    fn release(&mut self) {
+        if let Some(body) = &mut self.body {
+            self.held_total.fetch_sub(body.len() as u64, Ordering::Relaxed);
+            *body = Vec::new();
+        }
+    }
+}
+
+impl Drop for Assembly<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl PeerChannel {
+    /// The next frames to write from an outbox: queued frames first, then
+    /// waiting deltas in `Deltas` frames of at most `DELTA_GROUP_BYTES_MAX`,
+    /// about [`WRITE_BATCH_BYTES`] in all.
+    fn take_batch(&self, outbox: &Outbox) -> Vec<Vec<u8>> {
+        let mut batch = outbox.take(WRITE_BATCH_BYTES);
+        let taken: usize = batch.iter().map(Vec::len).sum();
+        if taken >= WRITE_BATCH_BYTES {
+            return batch;
+        }
+        for deltas in outbox.take_deltas(WRITE_BATCH_BYTES - taken) {
+            if let Some(frames) = self.frames_of(&PeerMessage::Deltas { deltas, ack: None }) {
+                batch.extend(frames);
+            }
+        }
+        batch
+    }
+}
+
+/// The writing half of a dialed connection: frames sealed in sequence.
+struct Writer<'a> {
+    inner: BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    seq: u64,
+    session: Option<&'a SessionKey>,
+}
+
+impl Writer<'_> {
+    /// Writes one frame; returns the bytes it took on the wire.
+    async fn write(&mut self, mut body: Vec<u8>) -> std::io::Result<usize> {
+        if let Some(session) = self.session {
+            session.seal(self.seq, &mut body);
+        }
+        self.inner.write_all(&(body.len() as u32).to_be_bytes()).await?;
+        self.inner.write_all(&body).await?;
+        self.seq += 1;
+        Ok(body.len() + 4)
     }
 }
 
@@ -816,6 +1246,7 @@ async fn read_body<S: AsyncRead + Unpin>(
     stream: &mut S,
     len: usize,
     buffered: &mut Buffered<'_>,
+    idle: Duration,
 ) -> Result<Vec<u8>, FrameError> {
     let mut body = Vec::new();
     while body.len() < len {
@@ -824,9 +1255,10 @@ async fn read_body<S: AsyncRead + Unpin>(
         buffered.hold(body.capacity());
         let start = body.len();
         body.resize(start + want, 0);
-        match stream.read(&mut body[start..]).await {
-            Ok(0) | Err(_) => return Err(FrameError::Truncated),
-            Ok(n) => body.truncate(start + n),
+        match tokio::time::timeout(idle, stream.read(&mut body[start..])).await {
+            Err(_) => return Err(FrameError::Silent),
+            Ok(Ok(0) | Err(_)) => return Err(FrameError::Truncated),
+            Ok(Ok(n)) => body.truncate(start + n),
         }
     }
     Ok(body)
@@ -841,7 +1273,13 @@ impl Drop for PeerChannel {
 }
 
 /// Handles a request from a peer on the blocking pool; returns the answer.
-fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> Option<PeerMessage> {
+/// Returns the answer, and the keys anti-entropy repaired.
+fn handle_request(
+    node: &Node,
+    metrics: &PeerMetrics,
+    message: PeerMessage,
+) -> (Option<PeerMessage>, usize) {
+    let mut repaired = 0;
     let result: Result<Option<PeerMessage>, crate::NodeError> = (|| match message {
         PeerMessage::Deltas { deltas, ack } => {
             for (key, delta) in deltas {
@@ -854,16 +1292,125 @@ fn handle_request(node: &Node, metrics: &PeerMetrics, message: PeerMessage) -> O
         PeerMessage::AntiEntropy(step) => {
             let (reply, handled) = anti_entropy::handle(node, &step)?;
             metrics.keys_repaired.fetch_add(handled.keys_repaired as u64, Ordering::Relaxed);
+            repaired = handled.keys_repaired;
             Ok(reply.map(PeerMessage::AntiEntropy))
         }
         PeerMessage::Read { id, key } => {
             let state = node.envelope(&Key::new(key, node.limits())?)?;
             Ok(Some(PeerMessage::ReadReply { id, state }))
         }
-        PeerMessage::Acked { .. } | PeerMessage::ReadReply { .. } => Ok(None),
+        PeerMessage::Acked { .. }
+        | PeerMessage::ReadReply { .. }
+        | PeerMessage::Ping
+        | PeerMessage::Part { .. } => Ok(None),
     })();
-    result.unwrap_or_else(|error| {
+    let reply = result.unwrap_or_else(|error| {
         tracing::warn!(%error, "peer request failed");
         None
-    })
+    });
+    (reply, repaired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts_of(frames: &[Vec<u8>]) -> Vec<PartIn> {
+        frames
+            .iter()
+            .map(|f| match decode_body::<PeerMessage>(f).unwrap() {
+                PeerMessage::Part { message, index, total, bytes } => {
+                    PartIn { message, index, total, bytes }
+                }
+                other => panic!("not a part: {other:?}"),
+            })
+            .collect()
+    }
+
+    fn part(message: u64, index: u32, total: u64, bytes: Vec<u8>) -> PartIn {
+        PartIn { message, index, total, bytes }
+    }
+
+    fn large_message() -> PeerMessage {
+        let mut state = Envelope::default();
+        let now = calmkv_crdts::Hlc { wall_ms: 1, logical: 0 };
+        let value = serde_bytes::ByteBuf::from(vec![7u8; 3 * PART_BYTES]);
+        state.lww.set(calmkv_crdts::NodeId(1), now, value);
+        PeerMessage::ReadReply { id: 5, state }
+    }
+
+    #[test]
+    fn a_message_larger_than_a_part_travels_in_parts_and_is_joined_whole() {
+        let message = large_message();
+        let frames = frames_of(&message).unwrap();
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        assert!(frames
+            .iter()
+            .all(|f| f.len() + TAG_BYTES <= super::super::frame::PEER_FRAME_BYTES_MAX));
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        let mut joined = None;
+        for part in parts_of(&frames) {
+            assert!(joined.is_none(), "joined before the last part");
+            joined = assembly.add(part).unwrap();
+        }
+        let joined = joined.expect("joined at the last part");
+        assert_eq!(decode_body::<PeerMessage>(&joined).unwrap(), message);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(frames_of(&PeerMessage::Ping).unwrap().len(), 1, "a small one is one frame");
+    }
+
+    #[test]
+    fn a_message_past_the_assembly_budget_is_discarded_and_counted() {
+        let frames = frames_of(&large_message()).unwrap();
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, 2 * PART_BYTES);
+        for part in parts_of(&frames) {
+            assert_eq!(assembly.add(part).unwrap(), None);
+            assert!(metrics.assembly_bytes.load(Ordering::Relaxed) <= 2 * PART_BYTES as u64);
+        }
+        assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "the budget is given back");
+        // The next message is joined again.
+        let small = frames_of(&large_message()).unwrap();
+        let mut roomy = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        let joined = parts_of(&small).into_iter().map(|p| roomy.add(p).unwrap()).last();
+        assert!(joined.flatten().is_some());
+    }
+
+    #[test]
+    fn malformed_parts_are_refused() {
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        let too_large = PEER_MESSAGE_BYTES_MAX as u64 + 1;
+        assert!(matches!(
+            assembly.add(part(1, 0, too_large, vec![1])),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(assembly.add(part(1, 0, 10, vec![])), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            assembly.add(part(1, 0, 2, vec![1; 3])),
+            Err(FrameError::Malformed { .. })
+        ));
+        assert_eq!(assembly.add(part(2, 0, 10, vec![1; 4])).unwrap(), None);
+        drop(assembly);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "released when dropped");
+    }
+
+    #[test]
+    fn parts_of_two_messages_are_never_spliced_into_one() {
+        let metrics = PeerMetrics::default();
+        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
+        // The tail of a message whose head went out on a broken connection.
+        assert_eq!(assembly.add(part(1, 1, 8, vec![1; 4])).unwrap(), None);
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "skipped, not held");
+        // A message of the same size, interrupted by another one.
+        assert_eq!(assembly.add(part(2, 0, 8, vec![2; 4])).unwrap(), None);
+        assert_eq!(assembly.add(part(3, 0, 8, vec![3; 4])).unwrap(), None);
+        assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1, "message 2 abandoned");
+        assert_eq!(assembly.add(part(2, 1, 8, vec![2; 4])).unwrap(), None, "not joined to 3");
+        assert_eq!(assembly.add(part(4, 0, 8, vec![4; 4])).unwrap(), None);
+        assert_eq!(assembly.add(part(4, 1, 8, vec![4; 4])).unwrap(), Some(vec![4; 8]));
+        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0);
+    }
 }
