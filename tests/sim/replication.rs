@@ -1,0 +1,464 @@
+//! Nodes over a hostile network: several nodes (in-memory stores) take client
+//! writes and reads of every key type while a seeded nemesis partitions the
+//! network (symmetric, one-way, bridge), loses, duplicates and reorders
+//! messages (deltas and anti-entropy alike), and restarts nodes. Every client
+//! operation goes into a per-key [`History`]; after healing, anti-entropy (the
+//! real message handlers, over the same simulated network) runs until every
+//! digest agrees, and the checkers judge the histories against the settled
+//! states.
+
+use crate::checkers::counter::{self, CounterOp, CounterRet};
+use crate::checkers::register::{self, LwwOp, LwwRet, MvOp, MvRet};
+use crate::checkers::set::{self, SetOp, SetRet};
+use crate::checkers::{convergence, History, Outcome};
+use calmkv::replication::anti_entropy::{self, AntiEntropy};
+use calmkv::store::{MemoryStore, Store};
+use calmkv::{Action, CounterOp as Counter, CrdtOp, Envelope, Key, Limits, Node, Op, SetOp as Set};
+use calmkv::{ReadResult, TypedValue};
+use calmkv_crdts::{decode, encode, NodeId, Stamp};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Keys, four of each type (counter, set, multi-value and LWW register).
+pub const KEYS: usize = 16;
+/// Steps of one run before healing.
+pub const STEPS: usize = 800;
+/// Anti-entropy rounds allowed after healing before the run fails.
+pub const QUIET_ROUNDS_MAX: usize = 600;
+const MEMBERS: usize = 8;
+
+/// What one run did, for the soak's summary.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// Client operations recorded and checked.
+    pub operations: u64,
+    /// Messages sent.
+    pub messages: u64,
+    /// Messages lost, or dropped by a partition.
+    pub dropped: u64,
+    /// Messages delivered twice.
+    pub duplicated: u64,
+    /// Partitions started (symmetric, one-way or bridge).
+    pub partitions: u64,
+    /// Node restarts.
+    pub restarts: u64,
+    /// Anti-entropy rounds it took to converge after healing.
+    pub quiet_rounds: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Message {
+    Deltas(Vec<(String, Envelope)>),
+    AntiEntropy(AntiEntropy),
+}
+
+struct SimNode {
+    id: NodeId,
+    store: Arc<MemoryStore>,
+    node: Node,
+}
+
+impl SimNode {
+    fn new(id: u64) -> SimNode {
+        let store = Arc::new(MemoryStore::new());
+        let node = Node::open(NodeId(id), store.clone(), Limits::default()).unwrap();
+        SimNode { id: NodeId(id), store, node }
+    }
+
+    /// A restart: the store survives (every write was durable when
+    /// acknowledged), the node and its in-memory digest are rebuilt.
+    fn restart(&mut self) {
+        let store: Arc<dyn Store> = self.store.clone();
+        self.node = Node::open(self.id, store, Limits::default()).unwrap();
+    }
+}
+
+/// One key's history, by its type.
+enum KeyHistory {
+    Counter(History<CounterOp, CounterRet>),
+    Set(History<SetOp, SetRet>),
+    Mv(History<MvOp, MvRet>),
+    Lww(History<LwwOp, LwwRet<Stamp>>),
+}
+
+impl KeyHistory {
+    fn for_key(k: usize) -> KeyHistory {
+        match k % 4 {
+            0 => KeyHistory::Counter(History::new()),
+            1 => KeyHistory::Set(History::new()),
+            2 => KeyHistory::Mv(History::new()),
+            _ => KeyHistory::Lww(History::new()),
+        }
+    }
+
+    fn crash(&mut self, process: usize) {
+        match self {
+            KeyHistory::Counter(h) => h.crash(process),
+            KeyHistory::Set(h) => h.crash(process),
+            KeyHistory::Mv(h) => h.crash(process),
+            KeyHistory::Lww(h) => h.crash(process),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            KeyHistory::Counter(h) => h.len(),
+            KeyHistory::Set(h) => h.len(),
+            KeyHistory::Mv(h) => h.len(),
+            KeyHistory::Lww(h) => h.len(),
+        }
+    }
+}
+
+/// Which direction of which link the nemesis has cut.
+struct Network {
+    /// `blocked[from][to]`.
+    blocked: Vec<Vec<bool>>,
+}
+
+impl Network {
+    fn heal(&mut self) {
+        self.blocked.iter_mut().for_each(|row| row.iter_mut().for_each(|b| *b = false));
+    }
+
+    /// Two random sides, cut both ways.
+    fn symmetric(&mut self, rng: &mut StdRng) {
+        let side: Vec<bool> = (0..self.blocked.len()).map(|_| rng.random_bool(0.5)).collect();
+        for (a, row) in self.blocked.iter_mut().enumerate() {
+            for (b, blocked) in row.iter_mut().enumerate() {
+                *blocked = side[a] != side[b];
+            }
+        }
+    }
+
+    /// One direction of one link cut: `a` hears `b`, `b` does not hear `a`.
+    fn one_way(&mut self, rng: &mut StdRng) {
+        let n = self.blocked.len();
+        let a = rng.random_range(0..n);
+        let b = (a + rng.random_range(1..n)) % n;
+        self.blocked[a][b] = true;
+    }
+
+    /// Two sides, with one node that hears and reaches both.
+    fn bridge(&mut self, rng: &mut StdRng) {
+        self.symmetric(rng);
+        let bridge = rng.random_range(0..self.blocked.len());
+        for other in 0..self.blocked.len() {
+            self.blocked[bridge][other] = false;
+            self.blocked[other][bridge] = false;
+        }
+    }
+}
+
+struct Sim {
+    rng: StdRng,
+    nodes: Vec<SimNode>,
+    in_flight: Vec<(usize, usize, Vec<u8>)>,
+    network: Network,
+    histories: Vec<KeyHistory>,
+    faults: bool,
+    next_value: u64,
+    stats: Stats,
+}
+
+fn key_name(k: usize) -> String {
+    format!("{}/{k}", ["counter", "set", "register", "lww"][k % 4])
+}
+
+fn key(k: usize) -> Key {
+    Key::new(key_name(k), &Limits::default()).unwrap()
+}
+
+fn counter_of(read: &Option<ReadResult>) -> i64 {
+    let value = read.iter().flat_map(|r| &r.values).find_map(|v| match v {
+        TypedValue::Counter(c) => Some(*c),
+        _ => None,
+    });
+    value.unwrap_or(0).try_into().expect("the simulation's counters stay small")
+}
+
+fn set_of(read: &Option<ReadResult>) -> BTreeSet<String> {
+    read.iter()
+        .flat_map(|r| &r.values)
+        .flat_map(|v| match v {
+            TypedValue::Set(members) => members.clone(),
+            _ => vec![],
+        })
+        .collect()
+}
+
+fn register_of(read: &Option<ReadResult>) -> BTreeSet<Vec<u8>> {
+    read.iter()
+        .flat_map(|r| &r.values)
+        .flat_map(|v| match v {
+            TypedValue::Register(values) => values.iter().map(|b| b.to_vec()).collect(),
+            _ => vec![],
+        })
+        .collect()
+}
+
+fn lww_of(read: &Option<ReadResult>) -> Option<Vec<u8>> {
+    read.iter().flat_map(|r| &r.values).find_map(|v| match v {
+        TypedValue::Lww(b) => Some(b.to_vec()),
+        _ => None,
+    })
+}
+
+fn failed(what: &str, error: impl std::fmt::Debug) -> String {
+    format!("{what}: {error:?}")
+}
+
+impl Sim {
+    fn send(&mut self, from: usize, to: usize, message: &Message) {
+        self.stats.messages += 1;
+        self.in_flight.push((from, to, encode(message).unwrap()));
+    }
+
+    fn broadcast(&mut self, from: usize, k: usize, delta: Envelope) {
+        let message = Message::Deltas(vec![(key_name(k), delta)]);
+        for to in (0..self.nodes.len()).filter(|&to| to != from) {
+            self.send(from, to, &message);
+        }
+    }
+
+    fn fresh_value(&mut self) -> Vec<u8> {
+        self.next_value += 1;
+        format!("v{}", self.next_value).into_bytes()
+    }
+
+    /// One client operation on `k` at node `at`: a read (40%) or a write.
+    fn client(&mut self, at: usize) -> Result<(), String> {
+        let k = self.rng.random_range(0..KEYS);
+        let node = &self.nodes[at].node;
+        let read = node.read(&key(k)).map_err(|e| failed("read", e))?;
+        if self.rng.random_bool(0.4) {
+            match &mut self.histories[k] {
+                KeyHistory::Counter(h) => {
+                    h.record(at, CounterOp::Read, Outcome::Ok(Some(counter_of(&read))));
+                }
+                KeyHistory::Set(h) => {
+                    h.record(at, SetOp::Read, Outcome::Ok(Some(set_of(&read))));
+                }
+                KeyHistory::Mv(h) => {
+                    h.record(at, MvOp::Read, Outcome::Ok(Some(register_of(&read))));
+                }
+                KeyHistory::Lww(h) => {
+                    h.record(at, LwwOp::Read, Outcome::Ok(LwwRet::Value(lww_of(&read))));
+                }
+            }
+            return Ok(());
+        }
+        let value = self.fresh_value();
+        let delta = match k % 4 {
+            0 => {
+                let n: i64 = self.rng.random_range(1..10);
+                let (op, amount) = if self.rng.random_bool(0.7) {
+                    (Counter::Incr(n as u64), n)
+                } else {
+                    (Counter::Decr(n as u64), -n)
+                };
+                let action = Action::Crdt(CrdtOp::Counter(op));
+                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let KeyHistory::Counter(h) = &mut self.histories[k] else { unreachable!() };
+                let applied = applied.map_err(|e| failed("counter", e))?;
+                h.record(at, CounterOp::Add(amount), Outcome::Ok(None));
+                applied.delta
+            }
+            1 => {
+                let member = format!("m{}", self.rng.random_range(0..MEMBERS));
+                let adding = self.rng.random_bool(0.6);
+                let op = if adding {
+                    Set { add: vec![member.clone()], remove: vec![] }
+                } else {
+                    Set { add: vec![], remove: vec![member.clone()] }
+                };
+                let action = Action::Crdt(CrdtOp::Set(op));
+                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let KeyHistory::Set(h) = &mut self.histories[k] else { unreachable!() };
+                let applied = applied.map_err(|e| failed("set", e))?;
+                let op = if adding { SetOp::Add(member) } else { SetOp::Remove(member) };
+                h.record(at, op, Outcome::Ok(None));
+                applied.delta
+            }
+            2 => {
+                // Most writes supersede what the client read; some are blind
+                // and become siblings.
+                let with_context = self.rng.random_bool(0.7);
+                let (context, covers) = match (&read, with_context) {
+                    (Some(r), true) => (Some(r.context.clone()), register_of(&read)),
+                    _ => (None, BTreeSet::new()),
+                };
+                let action = Action::Put { value: value.clone().into(), context, if_absent: false };
+                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let KeyHistory::Mv(h) = &mut self.histories[k] else { unreachable!() };
+                let applied = applied.map_err(|e| failed("register", e))?;
+                h.record(at, MvOp::Write { value, covers }, Outcome::Ok(None));
+                applied.delta
+            }
+            _ => {
+                let action = Action::PutLww { value: value.clone().into() };
+                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let KeyHistory::Lww(h) = &mut self.histories[k] else { unreachable!() };
+                let applied = applied.map_err(|e| failed("lww", e))?;
+                let stamp = applied.delta.lww.stamp().ok_or("an LWW write carries no stamp")?;
+                h.record(at, LwwOp::Write(value), Outcome::Ok(LwwRet::Stamped(stamp)));
+                applied.delta
+            }
+        };
+        self.broadcast(at, k, delta);
+        Ok(())
+    }
+
+    fn deliver(&mut self, index: usize) -> Result<(), String> {
+        let duplicate = self.faults && self.rng.random_bool(0.1);
+        let (from, to, bytes) = if duplicate {
+            self.stats.duplicated += 1;
+            self.in_flight[index].clone()
+        } else {
+            self.in_flight.swap_remove(index)
+        };
+        if self.network.blocked[from][to] || (self.faults && self.rng.random_bool(0.1)) {
+            self.stats.dropped += 1;
+            return Ok(()); // cut off, or lost
+        }
+        let node = &self.nodes[to].node;
+        match decode::<Message>(&bytes).map_err(|e| failed("decode", e))? {
+            Message::Deltas(deltas) => {
+                for (k, delta) in deltas {
+                    let k = Key::new(k, &Limits::default()).map_err(|e| failed("key", e))?;
+                    node.merge(&k, &delta).map_err(|e| failed("merge", e))?;
+                }
+            }
+            Message::AntiEntropy(message) => {
+                let (reply, _) =
+                    anti_entropy::handle(node, &message).map_err(|e| failed("anti-entropy", e))?;
+                if let Some(reply) = reply {
+                    self.send(to, from, &Message::AntiEntropy(reply));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_anti_entropy(&mut self, from: usize, to: usize) {
+        let message = Message::AntiEntropy(anti_entropy::start(&self.nodes[from].node));
+        self.send(from, to, &message);
+    }
+
+    fn converged(&self) -> bool {
+        let first = self.nodes[0].node.digest().top();
+        self.nodes.iter().all(|n| n.node.digest().top() == first)
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        let n = self.nodes.len();
+        for _ in 0..STEPS {
+            match self.rng.random_range(0..100) {
+                0..35 => {
+                    let at = self.rng.random_range(0..n);
+                    self.client(at)?;
+                }
+                35..83 if !self.in_flight.is_empty() => {
+                    // Any message in flight, not the oldest: reordering.
+                    let index = self.rng.random_range(0..self.in_flight.len());
+                    self.deliver(index)?;
+                }
+                83..91 => {
+                    let (a, b) = (self.rng.random_range(0..n), self.rng.random_range(0..n));
+                    if a != b {
+                        self.start_anti_entropy(a, b);
+                    }
+                }
+                91..96 => {
+                    self.stats.partitions += 1;
+                    match self.rng.random_range(0..3) {
+                        0 => self.network.symmetric(&mut self.rng),
+                        1 => self.network.one_way(&mut self.rng),
+                        _ => self.network.bridge(&mut self.rng),
+                    }
+                }
+                96..98 => self.network.heal(),
+                _ => {
+                    let at = self.rng.random_range(0..n);
+                    self.stats.restarts += 1;
+                    self.nodes[at].restart();
+                    self.histories.iter_mut().for_each(|h| h.crash(at));
+                    self.in_flight.retain(|(_, to, _)| *to != at); // its inbox is lost
+                }
+            }
+        }
+        // Heal, let everything in flight arrive, then anti-entropy until quiet.
+        self.faults = false;
+        self.network.heal();
+        while !self.in_flight.is_empty() {
+            let index = self.rng.random_range(0..self.in_flight.len());
+            self.deliver(index)?;
+        }
+        for round in 0..QUIET_ROUNDS_MAX {
+            if self.converged() {
+                self.stats.quiet_rounds = round as u64;
+                return Ok(());
+            }
+            let (a, b) = (round % n, (round / n + round + 1) % n);
+            if a != b {
+                self.start_anti_entropy(a, b);
+                while !self.in_flight.is_empty() {
+                    self.deliver(0)?;
+                }
+            }
+        }
+        Err(format!("digests still differ after {QUIET_ROUNDS_MAX} quiet anti-entropy rounds"))
+    }
+
+    /// Every replica holds the same envelopes; each key's history agrees with
+    /// the settled state.
+    fn check(&mut self) -> Result<(), String> {
+        let mut replicas = Vec::new();
+        for sim_node in &self.nodes {
+            let mut states = BTreeMap::new();
+            for k in 0..KEYS {
+                states.insert(
+                    key_name(k),
+                    sim_node.node.envelope(&key(k)).map_err(|e| failed("envelope", e))?,
+                );
+            }
+            replicas.push(states);
+        }
+        convergence::check(&replicas).map_err(|v| v.0)?;
+        for k in 0..KEYS {
+            let settled = self.nodes[0].node.read(&key(k)).map_err(|e| failed("read", e))?;
+            let verdict = match &self.histories[k] {
+                KeyHistory::Counter(h) => counter::check(h, counter_of(&settled), true),
+                KeyHistory::Set(h) => set::check(h, &set_of(&settled), true),
+                KeyHistory::Mv(h) => register::check_mv(h, &register_of(&settled)),
+                KeyHistory::Lww(h) => register::check_lww(h, lww_of(&settled).as_deref()),
+            };
+            verdict.map_err(|v| format!("{}: {v}", key_name(k)))?;
+            self.stats.operations += self.histories[k].len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed; the error says what the checkers found.
+pub fn simulate(seed: u64) -> Result<Stats, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = rng.random_range(3..=5);
+    let nodes = (0..n).map(|i| SimNode::new(i as u64 + 1)).collect();
+    let mut sim = Sim {
+        rng,
+        nodes,
+        in_flight: Vec::new(),
+        network: Network { blocked: vec![vec![false; n]; n] },
+        histories: (0..KEYS).map(KeyHistory::for_key).collect(),
+        faults: true,
+        next_value: 0,
+        stats: Stats::default(),
+    };
+    sim.run()?;
+    sim.check()?;
+    Ok(sim.stats)
+}
