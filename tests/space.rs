@@ -329,10 +329,22 @@ fn a_full_disk_refuses_writes_and_recovers(engine: Engine) {
     );
     println!("{engine}: refused after {} writes of 64 KiB: {error}", acked.len());
     assert_eq!(store.get(refused_key.as_bytes()).unwrap(), None, "{engine}: refused, yet stored");
+    // As large again: refused the same way, unless the engine freed space
+    // meanwhile (fjall drops a journal once its memtables are written out);
+    // then it is acknowledged like any write.
+    let mut refused_again = 0;
     for attempt in 0..3 {
-        let result = store.apply(Batch::new().put(format!("again/{attempt}"), vec![1; 1024]));
-        assert!(matches!(result, Err(StoreError::InsufficientStorage { .. })), "{result:?}");
+        let (key, value) = (format!("again/{attempt}"), random_value(FULL_VALUE_BYTES, attempt));
+        match store.apply(Batch::new().put(key.clone(), value.clone())) {
+            Ok(()) => acked.push((key, value)),
+            Err(StoreError::InsufficientStorage { .. }) => {
+                refused_again += 1;
+                assert_eq!(store.get(key.as_bytes()).unwrap(), None, "{engine}: {key} stored");
+            }
+            Err(other) => panic!("{engine}: {key}: {other}"),
+        }
     }
+    println!("{engine}: {refused_again} of 3 more writes of 64 KiB refused");
     // Reads keep working.
     for (key, value) in &acked {
         assert_eq!(store.get(key.as_bytes()).unwrap().as_ref(), Some(value), "{engine}: {key}");
@@ -406,6 +418,10 @@ fn the_engine_out_of_space_is_insufficient_storage_and_recovers(engine: Engine) 
     };
     let dir = tmpfs.path().join("store");
     let open = || store::open_reserving(Some(engine), &dir, Durability::Sync, 0);
+    if engine == Engine::Sled {
+        // sled makes no new stores: one as calmkv made them before markers.
+        drop(calmkv::store::SledStore::open(&dir, Durability::Sync).unwrap());
+    }
     let store = open().unwrap();
     let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 0..5 {
@@ -465,4 +481,14 @@ fn fjall_out_of_space_past_the_reserve_is_insufficient_storage_and_recovers() {
 #[test]
 fn redb_out_of_space_past_the_reserve_is_insufficient_storage_and_recovers() {
     the_engine_out_of_space_is_insufficient_storage_and_recovers(Engine::Redb);
+}
+
+/// sled 0.34.7 fails: after its own ENOSPC part of the failed batch is
+/// visible (10 of 20,000 keys seen), and opened again at once it reports
+/// `Corruption`. The store does not reopen it: its writes stay refused until a
+/// restart, its reads go on.
+#[test]
+#[ignore = "sled 0.34.7 shows part of a batch that hit ENOSPC, and reports Corruption when reopened; see docs/storage.md"]
+fn sled_out_of_space_past_the_reserve_is_insufficient_storage_and_recovers() {
+    the_engine_out_of_space_is_insufficient_storage_and_recovers(Engine::Sled);
 }

@@ -6,9 +6,9 @@
 //! lost pages were written), after which everything acknowledged is there and
 //! nothing else is. A seeded run mixes all of it; set `CALMKV_TEST_SEED` to
 //! replay one. Over HTTP, `/readyz` answers within a second while writes are
-//! stuck and after a failed fsync, with the reason.
+//! stuck, after a failed fsync and while reads hang, with the reason.
 
-use calmkv::http::{AppState, HttpConfig};
+use calmkv::http::{AppState, HttpConfig, READY_PROBES_MAX};
 use calmkv::metrics::Metrics;
 use calmkv::store::{
     Durability, Entry, Fault, FaultRates, FaultyStore, MemoryStore, SpaceGuard, Store, StoreError,
@@ -252,15 +252,17 @@ async fn readyz_until(
     }
 }
 
-/// `/readyz` over HTTP while the store misbehaves: it answers within a second
-/// every time; not ready with the reason while writes do not finish (reads
-/// keep answering meanwhile) and after a failed flush; ready again once a
-/// stuck write finished.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readyz_answers_within_a_second_while_writes_are_stuck_and_after_a_failed_fsync() {
-    let dir = tempfile::tempdir().unwrap();
-    let faulty = faulty(Durability::Sync);
-    let guard = SpaceGuard::new(Box::new(Shared(faulty.clone())), dir.path(), 0).unwrap();
+/// One `/readyz` test at a time: the bound on probes in flight is the
+/// process's, and one test holds it full on purpose.
+static READYZ_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A node over `faulty` (behind the free-space guard, reserve 0) served over
+/// HTTP on loopback: its URL, and what stops it.
+async fn serve(
+    faulty: &Arc<FaultyStore>,
+    dir: &std::path::Path,
+) -> (String, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let guard = SpaceGuard::new(Box::new(Shared(faulty.clone())), dir, 0).unwrap();
     let node = Arc::new(Node::open(NODE_ID, Arc::new(guard), Limits::default()).unwrap());
     let state = AppState::new(node, Metrics::new(), HttpConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -269,6 +271,19 @@ async fn readyz_answers_within_a_second_while_writes_are_stuck_and_after_a_faile
     let serving = tokio::spawn(calmkv::http::serve(listener, state, async move {
         let _ = stopped.await;
     }));
+    (url, stop, serving)
+}
+
+/// `/readyz` over HTTP while the store misbehaves: it answers within a second
+/// every time; not ready with the reason while writes do not finish (reads
+/// keep answering meanwhile) and after a failed flush; ready again once a
+/// stuck write finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_within_a_second_while_writes_are_stuck_and_after_a_failed_fsync() {
+    let _one = READYZ_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = faulty(Durability::Sync);
+    let (url, stop, serving) = serve(&faulty, dir.path()).await;
     let client = reqwest::Client::new();
     let put = |key: &str| client.put(format!("{url}/v1/kv/{key}")).body("v").send();
     assert_eq!(put("before").await.unwrap().status(), 204);
@@ -296,6 +311,34 @@ async fn readyz_answers_within_a_second_while_writes_are_stuck_and_after_a_faile
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("an earlier flush failed"), "{body:?}");
     assert_eq!(client.get(format!("{url}/v1/kv/before")).send().await.unwrap().status(), 200);
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
+}
+
+/// A store whose reads do not return: `/readyz` answers not ready within a
+/// second each time, and once [`READY_PROBES_MAX`] probes hang it starts no
+/// more (no thread per request); when the store answers again, so does it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_within_a_second_when_reads_hang_and_keeps_its_probes_bounded() {
+    let _one = READYZ_TESTS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = faulty(Durability::Sync);
+    let (url, stop, serving) = serve(&faulty, dir.path()).await;
+    let client = reqwest::Client::new();
+    assert_eq!(readyz(&client, &url).await.0, 200);
+
+    faulty.stall_reads(true);
+    for probe in 0..READY_PROBES_MAX + 3 {
+        let (status, body) = readyz(&client, &url).await;
+        assert_eq!(status, 503, "{body}");
+        if probe < READY_PROBES_MAX {
+            assert!(body.contains("did not answer within"), "probe {probe}: {body:?}");
+        } else {
+            assert!(body.contains("earlier probes of the store have not returned"), "{body:?}");
+        }
+    }
+    faulty.stall_reads(false);
+    readyz_until(&client, &url, |status, _| status == 200).await;
     let _ = stop.send(());
     serving.await.unwrap().unwrap();
 }

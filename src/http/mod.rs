@@ -29,6 +29,7 @@ mod error;
 pub mod invariants;
 mod kv;
 
+pub use admin::{READY_PROBES_MAX, READY_PROBE_TIMEOUT};
 pub use error::{ApiError, RETRY_AFTER_SECS};
 
 use crate::metrics::Metrics;

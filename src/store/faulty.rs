@@ -36,7 +36,8 @@
 //! once (several arms queue up). Seeded: [`FaultyStore::with_rates`] makes every
 //! write and flush fail with a probability drawn from a seeded generator, so a
 //! seed replays the same faults for the same sequence of calls. A stuck device:
-//! [`FaultyStore::stall_flushes`] blocks every flush until it is released.
+//! [`FaultyStore::stall_flushes`] blocks every flush until it is released, and
+//! [`FaultyStore::stall_reads`] every read.
 
 use super::space::batch_bytes;
 use super::{Batch, Change, Durability, Entry, Store, StoreError, StoreStats};
@@ -119,9 +120,16 @@ pub struct FaultyStore {
     inner: Box<dyn Store>,
     durability: Durability,
     state: Mutex<State>,
-    /// Whether flushes are stalled, and the condition they wait on.
-    stalled: Mutex<bool>,
+    /// Whether flushes, and reads, are stalled, and the condition they wait on.
+    stalled: Mutex<Stalled>,
     released: Condvar,
+}
+
+/// What is stalled now.
+#[derive(Debug, Default)]
+struct Stalled {
+    flushes: bool,
+    reads: bool,
 }
 
 /// The path the injected errors name.
@@ -141,7 +149,7 @@ impl FaultyStore {
             inner,
             durability,
             state: Mutex::new(State::default()),
-            stalled: Mutex::new(false),
+            stalled: Mutex::new(Stalled::default()),
             released: Condvar::new(),
         }
     }
@@ -166,8 +174,23 @@ impl FaultyStore {
     /// While `stalled`, every flush blocks (a device that does not answer);
     /// `false` releases them.
     pub fn stall_flushes(&self, stalled: bool) {
-        *self.stalled.lock().unwrap_or_else(PoisonError::into_inner) = stalled;
+        self.stalled.lock().unwrap_or_else(PoisonError::into_inner).flushes = stalled;
         self.released.notify_all();
+    }
+
+    /// While `stalled`, every `get` and `scan_prefix` blocks; `false` releases
+    /// them.
+    pub fn stall_reads(&self, stalled: bool) {
+        self.stalled.lock().unwrap_or_else(PoisonError::into_inner).reads = stalled;
+        self.released.notify_all();
+    }
+
+    /// Blocks while `which` says the operation is stalled.
+    fn wait_unless_stalled(&self, which: impl Fn(&Stalled) -> bool) {
+        let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
+        while which(&stalled) {
+            stalled = self.released.wait(stalled).unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// Faults injected so far (armed and seeded).
@@ -206,12 +229,7 @@ impl FaultyStore {
         if let Some(reason) = &state.failed {
             return Err(StoreError::FlushFailed { reason: reason.clone() });
         }
-        {
-            let mut stalled = self.stalled.lock().unwrap_or_else(PoisonError::into_inner);
-            while *stalled {
-                stalled = self.released.wait(stalled).unwrap_or_else(PoisonError::into_inner);
-            }
-        }
+        self.wait_unless_stalled(|stalled| stalled.flushes);
         let result = match state.next_fault(true) {
             Some(_) => Err(injected_io("flush")),
             None => self.inner.flush(),
@@ -231,6 +249,7 @@ impl FaultyStore {
 
 impl Store for FaultyStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.wait_unless_stalled(|stalled| stalled.reads);
         self.inner.get(key)
     }
 
@@ -240,6 +259,7 @@ impl Store for FaultyStore {
         start_after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Entry>, StoreError> {
+        self.wait_unless_stalled(|stalled| stalled.reads);
         self.inner.scan_prefix(prefix, start_after, limit)
     }
 

@@ -78,7 +78,12 @@ const BLOB_DIR: &str = "blobs";
 
 impl From<sled::Error> for StoreError {
     fn from(error: sled::Error) -> Self {
-        StoreError::Engine { source: Box::new(error) }
+        match error {
+            // sled's error names no source: the OS's error is kept as the
+            // source itself, so that a full disk is seen as one (`SpaceGuard`).
+            sled::Error::Io(io) => StoreError::Engine { source: Box::new(io) },
+            error => StoreError::Engine { source: Box::new(error) },
+        }
     }
 }
 

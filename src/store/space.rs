@@ -373,7 +373,7 @@ impl Store for SpaceGuard {
         }
         if self.engine_full() {
             let needed = self.free_bytes_min.saturating_add(ENGINE_FULL_RESUME_BYTES);
-            if self.available_bytes()? < needed {
+            if self.reopen.is_none() || self.available_bytes()? < needed {
                 return Err(self.insufficient(needed));
             }
         } else {
@@ -423,6 +423,65 @@ mod tests {
         assert_eq!(guard.get(b"large").unwrap(), None, "the refused batch changed nothing");
         assert_eq!(guard.get(b"small").unwrap(), Some(b"v".to_vec()), "reads still work");
         assert_eq!(guard.stats().unwrap().batches, 1);
+    }
+
+    #[test]
+    fn the_os_saying_the_disk_is_full_is_seen_under_engine_errors() {
+        let enospc = || std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        let engine = StoreError::Engine { source: Box::new(enospc()) };
+        assert!(is_no_space(&engine));
+        assert!(is_no_space(&StoreError::Io { path: "f".into(), source: enospc() }));
+        let failed = StoreError::FlushFailed { reason: engine.to_string() };
+        assert!(is_no_space(&failed), "{failed}");
+        let eio = std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error());
+        assert!(!is_no_space(&StoreError::Engine { source: Box::new(eio) }));
+        assert!(!is_no_space(&StoreError::FlushFailed { reason: "EIO".into() }));
+    }
+
+    /// An engine that runs out of space itself (a `FaultyStore` armed with
+    /// `NoSpace`, applying nothing): the batch is refused as
+    /// `InsufficientStorage`, the engine is reopened at once, and the next
+    /// write, with the room back (this disk has it), goes to the new engine.
+    #[test]
+    fn an_engine_out_of_space_is_reopened_and_takes_writes_once_there_is_room() {
+        use crate::store::{Durability, Fault, FaultyStore};
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let opens = Arc::new(AtomicUsize::new(0));
+        let counted = opens.clone();
+        let open: Reopen = Box::new(move || {
+            let store = FaultyStore::new(Box::new(MemoryStore::new()), Durability::Sync);
+            if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+                store.arm(Fault::NoSpace);
+            }
+            Ok(Box::new(store))
+        });
+        let guard = SpaceGuard::reopening(open, dir.path(), 0).unwrap();
+        let result = guard.apply(Batch::new().put("k", "v"));
+        assert!(matches!(result, Err(StoreError::InsufficientStorage { .. })), "{result:?}");
+        assert_eq!(opens.load(Ordering::SeqCst), 2, "reopened at once");
+        assert!(guard.engine_full());
+        assert_eq!(guard.get(b"k").unwrap(), None);
+        guard.apply(Batch::new().put("k", "v2")).unwrap();
+        assert!(!guard.engine_full());
+        assert_eq!(guard.get(b"k").unwrap(), Some(b"v2".to_vec()));
+        guard.writable().unwrap();
+    }
+
+    #[test]
+    fn without_a_reopen_an_engine_out_of_space_stays_refused() {
+        use crate::store::{Durability, Fault, FaultyStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = FaultyStore::new(Box::new(MemoryStore::new()), Durability::Sync);
+        store.arm(Fault::NoSpace);
+        let guard = SpaceGuard::new(Box::new(store), dir.path(), 0).unwrap();
+        for _ in 0..2 {
+            let result = guard.apply(Batch::new().put("k", "v"));
+            assert!(matches!(result, Err(StoreError::InsufficientStorage { .. })), "{result:?}");
+        }
+        assert!(matches!(guard.writable(), Err(StoreError::InsufficientStorage { .. })));
+        assert_eq!(guard.get(b"k").unwrap(), None, "reads still work");
     }
 
     #[test]
