@@ -12,7 +12,9 @@
 //! key's whole envelope and an 8-byte digest entry, put on the same engine.
 //!
 //! Bounded: about 30 s in a release build (`cargo run --release --example
-//! write_cost`). A run covers whole fold cycles where they are short (n = 10,
+//! write_cost`). It measures only on a quiet machine: with a 1-minute load
+//! average of [`LOAD_MAX`] or more it says so and stops (`--force` runs it
+//! anyway). A run covers whole fold cycles where they are short (n = 10,
 //! 1,000); at n = 100,000 a fold comes once every several thousand adds, so the
 //! run measures a window of adds and adds the fold's amortised share, computed
 //! from the fold rule (the base once per `base / 4` bytes of deltas), and says so.
@@ -24,6 +26,10 @@ use calmkv::{Action, CounterOp, CrdtOp, Envelope, Key, Limits, MapOp, Node, Op, 
 use calmkv_crdts::{encode, NodeId};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The 1-minute load average above which the numbers would be other
+/// processes' as much as calmkv's.
+const LOAD_MAX: f64 = 1.5;
 
 /// Members added at once while building the key.
 const BUILD_CHUNK: usize = 1000;
@@ -185,6 +191,14 @@ fn whole_envelope_run(kind: Kind, n: usize, adds: usize) -> Run {
 }
 
 fn main() {
+    let load: f64 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0);
+    if load >= LOAD_MAX && !std::env::args().any(|a| a == "--force") {
+        println!("load average {load} >= {LOAD_MAX}: not measuring (--force to run anyway)");
+        return;
+    }
     let started = Instant::now();
     println!("| add | n | layout | logical B/add | disk B/add | adds | how |");
     println!("|---|--:|---|--:|--:|--:|---|");
