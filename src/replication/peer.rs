@@ -836,6 +836,12 @@ impl PeerChannel {
         let idle = self.settings.heartbeat_timeout;
         let mut seq = 0u64;
         let mut assembly = Assembly::new(&self.metrics, self.settings.assembly_bytes_max);
+        let mut pongs = Pongs {
+            writer: pongs,
+            last: Instant::now(),
+            interval: self.settings.heartbeat_interval,
+            timeout: idle,
+        };
         loop {
             let mut prefix = [0u8; 4];
             match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
@@ -863,11 +869,10 @@ impl PeerChannel {
             self.metrics.bytes_received.fetch_add(len as u64 + 4, Ordering::Relaxed);
             let message = match message {
                 PeerMessage::Ping => {
-                    match tokio::time::timeout(idle, pongs.write_all(&[PONG])).await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(_)) => return Ok(()), // closed
-                        Err(_) => return Err(FrameError::Silent),
+                    if !pongs.send().await? {
+                        return Ok(()); // closed
                     }
+                    continue;
                 }
                 PeerMessage::Part { message, index, total, bytes } => {
                     match assembly.add(PartIn { message, index, total, bytes })? {
@@ -886,7 +891,24 @@ impl PeerChannel {
                     whole
                 }
             };
-            self.dispatch(peer, message).await;
+            // While the message is handled (a merge may wait for a disk),
+            // the dialer still hears from this end once per interval.
+            let dispatch = self.dispatch(peer, message);
+            tokio::pin!(dispatch);
+            loop {
+                let due = pongs.interval.saturating_sub(pongs.last.elapsed());
+                tokio::select! {
+                    () = &mut dispatch => break,
+                    () = tokio::time::sleep(due) => {
+                        if !pongs.send().await? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            if pongs.last.elapsed() >= pongs.interval && !pongs.send().await? {
+                return Ok(());
+            }
         }
     }
 
@@ -1215,6 +1237,32 @@ impl PeerChannel {
             }
         }
         batch
+    }
+}
+
+/// The acceptor's pongs: one for every ping, and one at least every heartbeat
+/// interval while it is busy with the connection's frames (a long merge, a
+/// backlog of frames), so a dialer whose frames merely take long to handle
+/// does not take the connection for dead. A dead or cut-off acceptor sends
+/// none of them.
+struct Pongs<'w, W> {
+    writer: &'w mut W,
+    last: Instant,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl<W: AsyncWrite + Unpin> Pongs<'_, W> {
+    /// Writes one pong; `false` when the connection is closed.
+    async fn send(&mut self) -> Result<bool, FrameError> {
+        match tokio::time::timeout(self.timeout, self.writer.write_all(&[PONG])).await {
+            Ok(Ok(())) => {
+                self.last = Instant::now();
+                Ok(true)
+            }
+            Ok(Err(_)) => Ok(false),
+            Err(_) => Err(FrameError::Silent),
+        }
     }
 }
 
