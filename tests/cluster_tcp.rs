@@ -584,3 +584,33 @@ async fn a_replica_slow_to_merge_is_not_taken_for_dead() {
     assert_eq!(metrics.connections_stalled.load(Ordering::Relaxed), 0, "not taken for dead");
     assert_eq!(metrics.connects.load(Ordering::Relaxed), connects, "the same connection");
 }
+
+/// What membership does for a member that comes back: `redial` drops the
+/// connection at once — here a frozen one that heartbeats would only notice
+/// after a minute — dials again, and the new connection's anti-entropy round
+/// brings the member the write it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redialed_peer_gets_a_fresh_connection_and_a_repair_round() {
+    let settings = PeerSettings {
+        heartbeat_interval: Duration::from_secs(20),
+        heartbeat_timeout: Duration::from_secs(60),
+        ..PeerSettings::default()
+    };
+    let a = TestNode::start_with(None, settings).await;
+    let b = TestNode::start_with(None, settings).await;
+    let proxy = StallingProxy::start(b.addr).await;
+    a.cluster.channel().set_peers(vec![Peer { id: b.node().id(), addr: proxy.addr }]);
+    b.cluster.channel().set_peers(vec![a.peer()]);
+    a.cluster.write(incr("back", 1), WriteQuorum::All, DEADLINE).await.unwrap();
+    assert_eq!(proxy.freeze(), 1);
+    a.cluster.write(incr("back", 1), WriteQuorum::One, DEADLINE).await.unwrap();
+    let connects = a.cluster.channel().metrics().connects.load(Ordering::Relaxed);
+    assert!(a.cluster.channel().redial(b.node().id()));
+    assert!(!a.cluster.channel().redial(calmkv_crdts::NodeId(12345)), "an unknown peer");
+    eventually("b has the write that went into the frozen connection", || {
+        b.counter("back") == Some(2)
+    })
+    .await;
+    assert_eq!(a.cluster.channel().metrics().connects.load(Ordering::Relaxed), connects + 1);
+    assert_eq!(a.cluster.channel().metrics().connections_stalled.load(Ordering::Relaxed), 0);
+}
