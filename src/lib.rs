@@ -32,8 +32,10 @@
 //!   redb, sled for old directories) and the in-memory engine, durability modes
 //!   and group commit, the free-space reserve, and the node id.
 //! - `invariants/`: declarations, the I-confluence analysis, routing.
-//! - `replication/`: the peer channel (handshake, frames, outbox), delta push,
-//!   admission of remote states, anti-entropy over the digest, harvest reads.
+//! - `replication/`: the peer channel (handshake, frames and parts, heartbeats,
+//!   outbox with coalesced deltas), delta push, admission of remote states,
+//!   anti-entropy over the digest, one request helper for reads and `w` waits,
+//!   harvest reads.
 //! - `quorum/`: the coordinator, an openraft group that serializes the
 //!   operations invariants route to it.
 //! - `http/`: the HTTP API (axum), its limits, errors and metrics.

@@ -13,5 +13,6 @@ pub mod handshake;
 pub mod harvest;
 pub mod message;
 pub mod outbox;
+pub mod parts;
 pub mod peer;
 pub mod request;

@@ -33,12 +33,13 @@
 use super::admission;
 use super::anti_entropy::{self, AntiEntropy};
 use super::frame::{
-    decode_body, encode_body, encode_bounded, frame_len, ClusterSecret, FrameError, SessionKey,
-    TAG_BYTES,
+    decode_body, encode_body, frame_len, ClusterSecret, FrameError, SessionKey, TAG_BYTES,
 };
 use super::handshake::{self, HandshakeError, RefusalKind};
 use super::message::PeerMessage;
 use super::outbox::{Outbox, Queued};
+pub use super::parts::{frames_of, ASSEMBLY_BYTES_MAX, PART_BYTES, PEER_MESSAGE_BYTES_MAX};
+use super::parts::{Assembly, PartIn};
 use crate::envelope::Envelope;
 use crate::op::Key;
 use crate::Node;
@@ -80,20 +81,6 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Least time between two follow-up anti-entropy rounds with one peer (see
 /// [`PeerChannel::follow_up_round`]).
 pub const FOLLOW_UP_ROUND_PERIOD: Duration = Duration::from_millis(20);
-/// Bytes of a message body carried by one [`PeerMessage::Part`]; a body
-/// larger than this travels in parts.
-pub const PART_BYTES: usize = 1024 * 1024;
-/// The largest message body the channel carries, in parts: more than the
-/// largest register the limits allow (64 siblings of 1 MiB) with its context.
-/// A larger state (a set or map grown past it) is not sent and is counted in
-/// `messages_too_large`.
-pub const PEER_MESSAGE_BYTES_MAX: usize = 160 * 1024 * 1024;
-/// Default bytes of messages being joined from their parts over every
-/// connection at once; a message that would cross it is read and discarded
-/// (counted in `messages_discarded`), and anti-entropy sends it again later.
-pub const ASSEMBLY_BYTES_MAX: usize = 256 * 1024 * 1024;
-const _: () = assert!(PART_BYTES + 64 + TAG_BYTES <= super::frame::PEER_FRAME_BYTES_MAX);
-const _: () = assert!(PEER_MESSAGE_BYTES_MAX <= ASSEMBLY_BYTES_MAX);
 
 /// The byte an acceptor writes back for every [`PeerMessage::Ping`]: the only
 /// thing it ever writes after the handshake.
@@ -836,6 +823,12 @@ impl PeerChannel {
         let idle = self.settings.heartbeat_timeout;
         let mut seq = 0u64;
         let mut assembly = Assembly::new(&self.metrics, self.settings.assembly_bytes_max);
+        let mut pongs = Pongs {
+            writer: pongs,
+            last: Instant::now(),
+            interval: self.settings.heartbeat_interval,
+            timeout: idle,
+        };
         loop {
             let mut prefix = [0u8; 4];
             match tokio::time::timeout(idle, stream.read_exact(&mut prefix)).await {
@@ -863,11 +856,10 @@ impl PeerChannel {
             self.metrics.bytes_received.fetch_add(len as u64 + 4, Ordering::Relaxed);
             let message = match message {
                 PeerMessage::Ping => {
-                    match tokio::time::timeout(idle, pongs.write_all(&[PONG])).await {
-                        Ok(Ok(())) => continue,
-                        Ok(Err(_)) => return Ok(()), // closed
-                        Err(_) => return Err(FrameError::Silent),
+                    if !pongs.send().await? {
+                        return Ok(()); // closed
                     }
+                    continue;
                 }
                 PeerMessage::Part { message, index, total, bytes } => {
                     match assembly.add(PartIn { message, index, total, bytes })? {
@@ -886,7 +878,24 @@ impl PeerChannel {
                     whole
                 }
             };
-            self.dispatch(peer, message).await;
+            // While the message is handled (a merge may wait for a disk),
+            // the dialer still hears from this end once per interval.
+            let dispatch = self.dispatch(peer, message);
+            tokio::pin!(dispatch);
+            loop {
+                let due = pongs.interval.saturating_sub(pongs.last.elapsed());
+                tokio::select! {
+                    () = &mut dispatch => break,
+                    () = tokio::time::sleep(due) => {
+                        if !pongs.send().await? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            if pongs.last.elapsed() >= pongs.interval && !pongs.send().await? {
+                return Ok(());
+            }
         }
     }
 
@@ -1062,143 +1071,6 @@ impl PeerChannel {
     }
 }
 
-/// The frame bodies that carry `message`: its own body when it is at most
-/// [`PART_BYTES`], else [`PeerMessage::Part`]s of it, numbered from 0 under a
-/// message number of their own. Refused past [`PEER_MESSAGE_BYTES_MAX`].
-pub fn frames_of(message: &PeerMessage) -> Result<Vec<Vec<u8>>, FrameError> {
-    static NEXT_MESSAGE: AtomicU64 = AtomicU64::new(1);
-    let body = encode_bounded(message, PEER_MESSAGE_BYTES_MAX)?;
-    if body.len() <= PART_BYTES {
-        return Ok(vec![body]);
-    }
-    let number = NEXT_MESSAGE.fetch_add(1, Ordering::Relaxed);
-    let total = body.len() as u64;
-    body.chunks(PART_BYTES)
-        .enumerate()
-        .map(|(index, chunk)| {
-            let bytes = chunk.to_vec();
-            encode_body(&PeerMessage::Part { message: number, index: index as u32, total, bytes })
-        })
-        .collect()
-}
-
-/// One received [`PeerMessage::Part`].
-struct PartIn {
-    message: u64,
-    index: u32,
-    total: u64,
-    bytes: Vec<u8>,
-}
-
-/// A message being joined from its parts on one connection, its bytes
-/// counted against the channel's assembly budget while held.
-///
-/// Parts are joined only in order, from part 0, under one message number. A
-/// part that does not continue the message being joined abandons it (its
-/// bytes are given back, `messages_discarded` counts it); a part other than
-/// 0 with nothing being joined is skipped: it is the tail of a message whose
-/// head went out on a connection that broke, and the sender's outbox still
-/// held the rest. So parts of two messages are never spliced into one.
-struct Assembly<'a> {
-    /// Bytes held now, over every connection, and the budget.
-    held_total: &'a AtomicU64,
-    budget: u64,
-    metrics: &'a PeerMetrics,
-    /// The message being joined: its number, size and next part; `None`
-    /// when none is.
-    joining: Option<(u64, usize, u32)>,
-    received: usize,
-    /// The bytes so far; `None` once the budget was crossed (the rest of the
-    /// parts are read and dropped).
-    body: Option<Vec<u8>>,
-}
-
-impl<'a> Assembly<'a> {
-    fn new(metrics: &'a PeerMetrics, budget: usize) -> Assembly<'a> {
-        Assembly {
-            held_total: &metrics.assembly_bytes,
-            budget: budget as u64,
-            metrics,
-            joining: None,
-            received: 0,
-            body: Some(Vec::new()),
-        }
-    }
-
-    /// Abandons the message being joined, if any: another message came
-    /// before its last part.
-    fn abandon(&mut self) {
-        if self.joining.take().is_some() {
-            self.metrics.messages_discarded.fetch_add(1, Ordering::Relaxed);
-        }
-        self.release();
-        self.body = Some(Vec::new());
-        self.received = 0;
-    }
-
-    /// Adds a part; the whole body once its last part arrived.
-    fn add(&mut self, part: PartIn) -> Result<Option<Vec<u8>>, FrameError> {
-        let PartIn { message, index, total, bytes } = part;
-        if total == 0 || total > PEER_MESSAGE_BYTES_MAX as u64 {
-            return Err(FrameError::TooLarge { bytes: total.min(usize::MAX as u64) as usize });
-        }
-        let total = total as usize;
-        if bytes.is_empty() {
-            return Err(FrameError::Malformed { reason: "an empty part".into() });
-        }
-        let continues = self.joining == Some((message, total, index));
-        if !continues {
-            self.abandon();
-            if index != 0 {
-                return Ok(None); // the tail of a message whose head was lost
-            }
-        }
-        if self.received + bytes.len() > total {
-            return Err(FrameError::Malformed { reason: "parts longer than their message".into() });
-        }
-        self.received += bytes.len();
-        self.joining = Some((message, total, index + 1));
-        if let Some(body) = &mut self.body {
-            let grown = bytes.len() as u64;
-            let held = self.held_total.fetch_add(grown, Ordering::Relaxed) + grown;
-            if held > self.budget {
-                self.held_total.fetch_sub(grown, Ordering::Relaxed);
-                self.release();
-                self.body = None;
-            } else {
-                body.extend_from_slice(&bytes);
-            }
-        }
-        if self.received < total {
-            return Ok(None);
-        }
-        self.joining = None;
-        self.received = 0;
-        let body = self.body.replace(Vec::new());
-        if body.is_none() {
-            self.metrics.messages_discarded.fetch_add(1, Ordering::Relaxed);
-        }
-        let whole = body.inspect(|b| {
-            self.held_total.fetch_sub(b.len() as u64, Ordering::Relaxed);
-        });
-        Ok(whole)
-    }
-
-    /// Gives back the bytes held by an unfinished body.
-    fn release(&mut self) {
-        if let Some(body) = &mut self.body {
-            self.held_total.fetch_sub(body.len() as u64, Ordering::Relaxed);
-            *body = Vec::new();
-        }
-    }
-}
-
-impl Drop for Assembly<'_> {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
 impl PeerChannel {
     /// The next frames to write from an outbox: queued frames first, then
     /// waiting deltas in `Deltas` frames of at most `DELTA_GROUP_BYTES_MAX`,
@@ -1215,6 +1087,32 @@ impl PeerChannel {
             }
         }
         batch
+    }
+}
+
+/// The acceptor's pongs: one for every ping, and one at least every heartbeat
+/// interval while it is busy with the connection's frames (a long merge, a
+/// backlog of frames), so a dialer whose frames merely take long to handle
+/// does not take the connection for dead. A dead or cut-off acceptor sends
+/// none of them.
+struct Pongs<'w, W> {
+    writer: &'w mut W,
+    last: Instant,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl<W: AsyncWrite + Unpin> Pongs<'_, W> {
+    /// Writes one pong; `false` when the connection is closed.
+    async fn send(&mut self) -> Result<bool, FrameError> {
+        match tokio::time::timeout(self.timeout, self.writer.write_all(&[PONG])).await {
+            Ok(Ok(())) => {
+                self.last = Instant::now();
+                Ok(true)
+            }
+            Ok(Err(_)) => Ok(false),
+            Err(_) => Err(FrameError::Silent),
+        }
     }
 }
 
@@ -1309,108 +1207,4 @@ fn handle_request(
         None
     });
     (reply, repaired)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parts_of(frames: &[Vec<u8>]) -> Vec<PartIn> {
-        frames
-            .iter()
-            .map(|f| match decode_body::<PeerMessage>(f).unwrap() {
-                PeerMessage::Part { message, index, total, bytes } => {
-                    PartIn { message, index, total, bytes }
-                }
-                other => panic!("not a part: {other:?}"),
-            })
-            .collect()
-    }
-
-    fn part(message: u64, index: u32, total: u64, bytes: Vec<u8>) -> PartIn {
-        PartIn { message, index, total, bytes }
-    }
-
-    fn large_message() -> PeerMessage {
-        let mut state = Envelope::default();
-        let now = calmkv_crdts::Hlc { wall_ms: 1, logical: 0 };
-        let value = serde_bytes::ByteBuf::from(vec![7u8; 3 * PART_BYTES]);
-        state.lww.set(calmkv_crdts::NodeId(1), now, value);
-        PeerMessage::ReadReply { id: 5, state }
-    }
-
-    #[test]
-    fn a_message_larger_than_a_part_travels_in_parts_and_is_joined_whole() {
-        let message = large_message();
-        let frames = frames_of(&message).unwrap();
-        assert!(frames.len() >= 3, "{} frames", frames.len());
-        assert!(frames
-            .iter()
-            .all(|f| f.len() + TAG_BYTES <= super::super::frame::PEER_FRAME_BYTES_MAX));
-        let metrics = PeerMetrics::default();
-        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
-        let mut joined = None;
-        for part in parts_of(&frames) {
-            assert!(joined.is_none(), "joined before the last part");
-            joined = assembly.add(part).unwrap();
-        }
-        let joined = joined.expect("joined at the last part");
-        assert_eq!(decode_body::<PeerMessage>(&joined).unwrap(), message);
-        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0);
-        assert_eq!(frames_of(&PeerMessage::Ping).unwrap().len(), 1, "a small one is one frame");
-    }
-
-    #[test]
-    fn a_message_past_the_assembly_budget_is_discarded_and_counted() {
-        let frames = frames_of(&large_message()).unwrap();
-        let metrics = PeerMetrics::default();
-        let mut assembly = Assembly::new(&metrics, 2 * PART_BYTES);
-        for part in parts_of(&frames) {
-            assert_eq!(assembly.add(part).unwrap(), None);
-            assert!(metrics.assembly_bytes.load(Ordering::Relaxed) <= 2 * PART_BYTES as u64);
-        }
-        assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1);
-        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "the budget is given back");
-        // The next message is joined again.
-        let small = frames_of(&large_message()).unwrap();
-        let mut roomy = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
-        let joined = parts_of(&small).into_iter().map(|p| roomy.add(p).unwrap()).last();
-        assert!(joined.flatten().is_some());
-    }
-
-    #[test]
-    fn malformed_parts_are_refused() {
-        let metrics = PeerMetrics::default();
-        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
-        let too_large = PEER_MESSAGE_BYTES_MAX as u64 + 1;
-        assert!(matches!(
-            assembly.add(part(1, 0, too_large, vec![1])),
-            Err(FrameError::TooLarge { .. })
-        ));
-        assert!(matches!(assembly.add(part(1, 0, 10, vec![])), Err(FrameError::Malformed { .. })));
-        assert!(matches!(
-            assembly.add(part(1, 0, 2, vec![1; 3])),
-            Err(FrameError::Malformed { .. })
-        ));
-        assert_eq!(assembly.add(part(2, 0, 10, vec![1; 4])).unwrap(), None);
-        drop(assembly);
-        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "released when dropped");
-    }
-
-    #[test]
-    fn parts_of_two_messages_are_never_spliced_into_one() {
-        let metrics = PeerMetrics::default();
-        let mut assembly = Assembly::new(&metrics, ASSEMBLY_BYTES_MAX);
-        // The tail of a message whose head went out on a broken connection.
-        assert_eq!(assembly.add(part(1, 1, 8, vec![1; 4])).unwrap(), None);
-        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0, "skipped, not held");
-        // A message of the same size, interrupted by another one.
-        assert_eq!(assembly.add(part(2, 0, 8, vec![2; 4])).unwrap(), None);
-        assert_eq!(assembly.add(part(3, 0, 8, vec![3; 4])).unwrap(), None);
-        assert_eq!(metrics.messages_discarded.load(Ordering::Relaxed), 1, "message 2 abandoned");
-        assert_eq!(assembly.add(part(2, 1, 8, vec![2; 4])).unwrap(), None, "not joined to 3");
-        assert_eq!(assembly.add(part(4, 0, 8, vec![4; 4])).unwrap(), None);
-        assert_eq!(assembly.add(part(4, 1, 8, vec![4; 4])).unwrap(), Some(vec![4; 8]));
-        assert_eq!(metrics.assembly_bytes.load(Ordering::Relaxed), 0);
-    }
 }
