@@ -123,6 +123,8 @@ fn main() {
                 ("messages duplicated", s.duplicated),
                 ("partitions", s.partitions),
                 ("restarts", s.restarts),
+                ("disk faults", s.disk_faults),
+                ("writes indeterminate (failed fsync)", s.indeterminate),
             ])
         }));
     }

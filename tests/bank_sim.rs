@@ -17,13 +17,17 @@ use checkers::{History, Outcome};
 use rand::Rng;
 use sim::bank::{account, key, rules, Sim, ACCOUNTS, NODES};
 
-/// Seeds that once found a bug: run on every `cargo test`.
+/// Seeds that find a bug once found: run on every `cargo test`.
 ///
-/// All three let a balance go below zero: a replica that missed a delta kept a
-/// node's superseded counter share beside its latest one and the coordinator's
-/// view counted both.
-const REGRESSION_SEEDS: [u64; 3] =
-    [16211170115722220416, 15245157023751791646, 16819395142380982359];
+/// With the old counter (each node's every live share summed, not its
+/// latest) each of these takes a balance below zero: a replica that missed a
+/// delta kept a node's superseded share beside its latest one, and the
+/// coordinator's view counted both. The soak found them, 12 seeds in 6,000
+/// (`cargo run --release --example sim -- --sim bank --seeds 6000 --base 777`
+/// with the old counter planted); the seeds that first found the bug belong
+/// to the simulation before deltas waited out partitions, and no longer
+/// reach the same interleaving.
+const REGRESSION_SEEDS: [u64; 3] = [1930, 2302, 2500];
 
 #[test]
 fn no_replica_ever_goes_below_zero_and_healing_reflects_every_acknowledged_operation() {

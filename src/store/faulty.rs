@@ -161,6 +161,12 @@ impl FaultyStore {
         self
     }
 
+    /// Stops the seeded faults (armed ones stay armed): a simulation's quiet
+    /// period after healing.
+    pub fn stop_seeded_faults(&self) {
+        self.lock().seeded = None;
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every update of `State` is whole under the lock.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)

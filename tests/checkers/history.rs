@@ -15,6 +15,17 @@ pub enum Outcome<R> {
     Indeterminate,
 }
 
+impl<R> Outcome<R> {
+    /// The same outcome with the acknowledged value mapped.
+    pub fn map<S>(self, f: impl FnOnce(R) -> S) -> Outcome<S> {
+        match self {
+            Outcome::Ok(r) => Outcome::Ok(f(r)),
+            Outcome::Failed => Outcome::Failed,
+            Outcome::Indeterminate => Outcome::Indeterminate,
+        }
+    }
+}
+
 /// One client operation.
 #[derive(Clone, Debug)]
 pub struct Event<O, R> {

@@ -1,7 +1,12 @@
-//! Nodes over a hostile network: several nodes (in-memory stores) take client
+//! Nodes over a hostile network and failing disks: several nodes take client
 //! writes and reads of every key type while a seeded nemesis partitions the
 //! network (symmetric, one-way, bridge), loses, duplicates and reorders
-//! messages (deltas and anti-entropy alike), and restarts nodes. Every client
+//! messages (deltas and anti-entropy alike), fails disk writes and fsyncs
+//! (`store::FaultyStore` over an in-memory store, `sync` durability), and
+//! crashes and restarts nodes, dropping whatever was not flushed. A write the
+//! disk refused is a failed operation; a write whose fsync failed is
+//! indeterminate (applied, visible, not durable: a crash may take it back,
+//! anti-entropy may have spread it first). Every client
 //! operation goes into a per-key [`History`]; after healing, anti-entropy (the
 //! real message handlers, over the same simulated network) runs until every
 //! digest agrees, and the checkers judge the histories against the settled
@@ -12,8 +17,10 @@ use crate::checkers::register::{self, LwwOp, LwwRet, MvOp, MvRet};
 use crate::checkers::set::{self, SetOp, SetRet};
 use crate::checkers::{convergence, History, Outcome};
 use calmkv::replication::anti_entropy::{self, AntiEntropy};
-use calmkv::store::{MemoryStore, Store};
-use calmkv::{Action, CounterOp as Counter, CrdtOp, Envelope, Key, Limits, Node, Op, SetOp as Set};
+use calmkv::store::{Durability, FaultRates, FaultyStore, MemoryStore, Store};
+use calmkv::{
+    Action, CounterOp as Counter, CrdtOp, Envelope, Key, Limits, Node, NodeError, Op, SetOp as Set,
+};
 use calmkv::{ReadResult, TypedValue};
 use calmkv_crdts::{decode, encode, NodeId, Stamp};
 use rand::rngs::StdRng;
@@ -43,8 +50,12 @@ pub struct Stats {
     pub duplicated: u64,
     /// Partitions started (symmetric, one-way or bridge).
     pub partitions: u64,
-    /// Node restarts.
+    /// Node crashes and restarts.
     pub restarts: u64,
+    /// Disk faults injected (failed writes, full disks, failed fsyncs).
+    pub disk_faults: u64,
+    /// Client writes that ended indeterminate (a failed fsync).
+    pub indeterminate: u64,
     /// Anti-entropy rounds it took to converge after healing.
     pub quiet_rounds: u64,
 }
@@ -55,24 +66,36 @@ enum Message {
     AntiEntropy(AntiEntropy),
 }
 
+/// How often the disks fail.
+const DISK_FAULTS: FaultRates =
+    FaultRates { write_error: 0.01, no_space: 0.01, flush_error: 0.004 };
+
 struct SimNode {
     id: NodeId,
-    store: Arc<MemoryStore>,
+    store: Arc<FaultyStore>,
     node: Node,
 }
 
 impl SimNode {
-    fn new(id: u64) -> SimNode {
-        let store = Arc::new(MemoryStore::new());
-        let node = Node::open(NodeId(id), store.clone(), Limits::default()).unwrap();
+    fn new(id: u64, seed: u64) -> SimNode {
+        let memory = Box::new(MemoryStore::new());
+        let store =
+            Arc::new(FaultyStore::new(memory, Durability::Sync).with_rates(seed ^ id, DISK_FAULTS));
+        let shared: Arc<dyn Store> = store.clone();
+        let node = Node::open(NodeId(id), shared, Limits::default()).unwrap();
         SimNode { id: NodeId(id), store, node }
     }
 
-    /// A restart: the store survives (every write was durable when
-    /// acknowledged), the node and its in-memory digest are rebuilt.
-    fn restart(&mut self) {
+    /// A crash and restart: what was not flushed is gone (under `sync` only a
+    /// write whose fsync failed), the node and its in-memory digest are
+    /// rebuilt from the store.
+    /// Whether the crash took anything back.
+    fn restart(&mut self) -> Result<bool, String> {
+        let report = self.store.crash().map_err(|e| failed("crash", e))?;
         let store: Arc<dyn Store> = self.store.clone();
-        self.node = Node::open(self.id, store, Limits::default()).unwrap();
+        self.node =
+            Node::open(self.id, store, Limits::default()).map_err(|e| failed("reopen", e))?;
+        Ok(report.batches_lost > 0)
     }
 }
 
@@ -261,11 +284,10 @@ impl Sim {
                     (Counter::Decr(n as u64), -n)
                 };
                 let action = Action::Crdt(CrdtOp::Counter(op));
-                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let (ended, delta) = self.write(at, k, action)?;
                 let KeyHistory::Counter(h) = &mut self.histories[k] else { unreachable!() };
-                let applied = applied.map_err(|e| failed("counter", e))?;
-                h.record(at, CounterOp::Add(amount), Outcome::Ok(None));
-                applied.delta
+                h.record(at, CounterOp::Add(amount), ended.map(|_| None));
+                delta
             }
             1 => {
                 let member = format!("m{}", self.rng.random_range(0..MEMBERS));
@@ -276,12 +298,11 @@ impl Sim {
                     Set { add: vec![], remove: vec![member.clone()] }
                 };
                 let action = Action::Crdt(CrdtOp::Set(op));
-                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let (ended, delta) = self.write(at, k, action)?;
                 let KeyHistory::Set(h) = &mut self.histories[k] else { unreachable!() };
-                let applied = applied.map_err(|e| failed("set", e))?;
                 let op = if adding { SetOp::Add(member) } else { SetOp::Remove(member) };
-                h.record(at, op, Outcome::Ok(None));
-                applied.delta
+                h.record(at, op, ended.map(|_| None));
+                delta
             }
             2 => {
                 // Most writes supersede what the client read; some are blind
@@ -292,24 +313,49 @@ impl Sim {
                     _ => (None, BTreeSet::new()),
                 };
                 let action = Action::Put { value: value.clone().into(), context, if_absent: false };
-                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let (ended, delta) = self.write(at, k, action)?;
                 let KeyHistory::Mv(h) = &mut self.histories[k] else { unreachable!() };
-                let applied = applied.map_err(|e| failed("register", e))?;
-                h.record(at, MvOp::Write { value, covers }, Outcome::Ok(None));
-                applied.delta
+                h.record(at, MvOp::Write { value, covers }, ended.map(|_| None));
+                delta
             }
             _ => {
                 let action = Action::PutLww { value: value.clone().into() };
-                let applied = self.nodes[at].node.apply(&Op { key: key(k), action });
+                let (ended, delta) = self.write(at, k, action)?;
+                let stamped = match &delta {
+                    Some(d) => Some(d.lww.stamp().ok_or("an LWW write carries no stamp")?),
+                    None => None,
+                };
                 let KeyHistory::Lww(h) = &mut self.histories[k] else { unreachable!() };
-                let applied = applied.map_err(|e| failed("lww", e))?;
-                let stamp = applied.delta.lww.stamp().ok_or("an LWW write carries no stamp")?;
-                h.record(at, LwwOp::Write(value), Outcome::Ok(LwwRet::Stamped(stamp)));
-                applied.delta
+                h.record(at, LwwOp::Write(value), ended.map(|_| LwwRet::Stamped(stamped.unwrap())));
+                delta
             }
         };
-        self.broadcast(at, k, delta);
+        if let Some(delta) = delta {
+            self.broadcast(at, k, delta);
+        }
         Ok(())
+    }
+
+    /// Applies a client write at node `at`: acknowledged (with its delta to
+    /// send), failed (the disk refused it before it changed anything) or
+    /// indeterminate (its fsync failed: applied, not durable).
+    fn write(
+        &mut self,
+        at: usize,
+        k: usize,
+        action: Action,
+    ) -> Result<(Outcome<()>, Option<Envelope>), String> {
+        let sim_node = &self.nodes[at];
+        let unflushed = sim_node.store.unflushed_batches();
+        match sim_node.node.apply(&Op { key: key(k), action }) {
+            Ok(applied) => Ok((Outcome::Ok(()), Some(applied.delta))),
+            Err(NodeError::Store { .. }) if sim_node.store.unflushed_batches() > unflushed => {
+                self.stats.indeterminate += 1;
+                Ok((Outcome::Indeterminate, None))
+            }
+            Err(NodeError::Store { .. }) => Ok((Outcome::Failed, None)),
+            Err(other) => Err(failed("write", other)),
+        }
     }
 
     fn deliver(&mut self, index: usize) -> Result<(), String> {
@@ -324,21 +370,24 @@ impl Sim {
             self.stats.dropped += 1;
             return Ok(()); // cut off, or lost
         }
+        // A failing disk loses what it refuses: anti-entropy repairs it.
         let node = &self.nodes[to].node;
+        let tolerated = |e: NodeError| match e {
+            NodeError::Store { .. } => Ok(()),
+            other => Err(failed("merge", other)),
+        };
         match decode::<Message>(&bytes).map_err(|e| failed("decode", e))? {
             Message::Deltas(deltas) => {
                 for (k, delta) in deltas {
                     let k = Key::new(k, &Limits::default()).map_err(|e| failed("key", e))?;
-                    node.merge(&k, &delta).map_err(|e| failed("merge", e))?;
+                    node.merge(&k, &delta).map(|_| ()).or_else(tolerated)?;
                 }
             }
-            Message::AntiEntropy(message) => {
-                let (reply, _) =
-                    anti_entropy::handle(node, &message).map_err(|e| failed("anti-entropy", e))?;
-                if let Some(reply) = reply {
-                    self.send(to, from, &Message::AntiEntropy(reply));
-                }
-            }
+            Message::AntiEntropy(message) => match anti_entropy::handle(node, &message) {
+                Ok((Some(reply), _)) => self.send(to, from, &Message::AntiEntropy(reply)),
+                Ok((None, _)) => {}
+                Err(e) => tolerated(e)?,
+            },
         }
         Ok(())
     }
@@ -384,15 +433,26 @@ impl Sim {
                 _ => {
                     let at = self.rng.random_range(0..n);
                     self.stats.restarts += 1;
-                    self.nodes[at].restart();
-                    self.histories.iter_mut().for_each(|h| h.crash(at));
+                    if self.nodes[at].restart()? {
+                        // What it showed since its failed fsync may be gone.
+                        self.histories.iter_mut().for_each(|h| h.crash(at));
+                    }
                     self.in_flight.retain(|(_, to, _)| *to != at); // its inbox is lost
                 }
             }
         }
-        // Heal, let everything in flight arrive, then anti-entropy until quiet.
+        // Heal: the disks stop failing and every node restarts (which clears
+        // a failed fsync), everything in flight arrives, then anti-entropy
+        // until quiet.
         self.faults = false;
         self.network.heal();
+        for at in 0..n {
+            self.stats.disk_faults += self.nodes[at].store.faults_injected();
+            self.nodes[at].store.stop_seeded_faults();
+            if self.nodes[at].restart()? {
+                self.histories.iter_mut().for_each(|h| h.crash(at));
+            }
+        }
         while !self.in_flight.is_empty() {
             let index = self.rng.random_range(0..self.in_flight.len());
             self.deliver(index)?;
@@ -431,8 +491,8 @@ impl Sim {
         for k in 0..KEYS {
             let settled = self.nodes[0].node.read(&key(k)).map_err(|e| failed("read", e))?;
             let verdict = match &self.histories[k] {
-                KeyHistory::Counter(h) => counter::check(h, counter_of(&settled), true),
-                KeyHistory::Set(h) => set::check(h, &set_of(&settled), true),
+                KeyHistory::Counter(h) => counter::check(h, counter_of(&settled), false),
+                KeyHistory::Set(h) => set::check(h, &set_of(&settled), false),
                 KeyHistory::Mv(h) => register::check_mv(h, &register_of(&settled)),
                 KeyHistory::Lww(h) => register::check_lww(h, lww_of(&settled).as_deref()),
             };
@@ -447,7 +507,7 @@ impl Sim {
 pub fn simulate(seed: u64) -> Result<Stats, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = rng.random_range(3..=5);
-    let nodes = (0..n).map(|i| SimNode::new(i as u64 + 1)).collect();
+    let nodes = (0..n).map(|i| SimNode::new(i as u64 + 1, seed)).collect();
     let mut sim = Sim {
         rng,
         nodes,
