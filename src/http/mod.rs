@@ -2,8 +2,9 @@
 //! accept loop on hyper.
 //!
 //! Handlers only translate: they parse a request into an [`Op`](crate::Op) or a
-//! read, call the [`Node`] on the blocking pool (a write waits for its fsync), and
-//! render the answer. Bounded before trusted, outermost first:
+//! read, call the [`Node`] (a write is applied on the request's thread and
+//! awaits its fsync without holding a thread; a scan runs on the blocking
+//! pool), and render the answer. Bounded before trusted, outermost first:
 //!
 //! 1. the accept loop: at most `http_connections_per_ip_max` connections per
 //!    client IP and `http_connections_max` in all (more are closed at once),

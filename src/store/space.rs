@@ -14,7 +14,7 @@
 //!
 //! The check is one `fstatvfs` of the store directory per batch.
 
-use super::{Batch, Change, Entry, Store, StoreError, StoreStats};
+use super::{Batch, Change, CommitTicket, Entry, Store, StoreError, StoreStats};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -81,16 +81,21 @@ impl Store for SpaceGuard {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
-        let needed_bytes = self.free_bytes_min.saturating_add(batch_bytes(&batch));
-        let available_bytes = self.available_bytes()?;
-        if available_bytes < needed_bytes {
-            return Err(StoreError::InsufficientStorage {
-                path: self.dir.clone(),
-                available_bytes,
-                needed_bytes,
-            });
-        }
+        self.check_space(&batch)?;
         self.inner.apply(batch)
+    }
+
+    fn apply_deferred(&self, batch: Batch) -> Result<CommitTicket, StoreError> {
+        self.check_space(&batch)?;
+        self.inner.apply_deferred(batch)
+    }
+
+    fn barrier(&self) -> CommitTicket {
+        self.inner.barrier()
+    }
+
+    fn serves_inline(&self) -> bool {
+        self.inner.serves_inline()
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -99,6 +104,22 @@ impl Store for SpaceGuard {
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
         self.inner.stats()
+    }
+}
+
+impl SpaceGuard {
+    /// Refuses a batch that would eat into the reserve.
+    fn check_space(&self, batch: &Batch) -> Result<(), StoreError> {
+        let needed_bytes = self.free_bytes_min.saturating_add(batch_bytes(batch));
+        let available_bytes = self.available_bytes()?;
+        if available_bytes < needed_bytes {
+            return Err(StoreError::InsufficientStorage {
+                path: self.dir.clone(),
+                available_bytes,
+                needed_bytes,
+            });
+        }
+        Ok(())
     }
 }
 
