@@ -435,14 +435,13 @@ async fn unrouted(State(state): State<AppState>, uri: Uri) -> ApiError {
 
 async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().to_string();
+    // Both are reference-counted or inline: recording allocates nothing.
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
     let status = response.status().as_u16();
-    state.inner.metrics.record_request(&route, &method, status, started.elapsed());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    state.inner.metrics.record_request(route, method.as_str(), status, started.elapsed());
     response
 }
 
