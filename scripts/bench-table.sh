@@ -23,8 +23,8 @@ DURATION=${DURATION:-8}      # seconds per measured run
 WARMUP=${WARMUP:-1}          # seconds of unrecorded load before each run
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-2}
-REDIS_REQUESTS_ALWAYS=${REDIS_REQUESTS_ALWAYS:-300000}
-REDIS_REQUESTS_EVERYSEC=${REDIS_REQUESTS_EVERYSEC:-600000}
+REDIS_REQUESTS_ALWAYS=${REDIS_REQUESTS_ALWAYS:-100000}
+REDIS_REQUESTS_EVERYSEC=${REDIS_REQUESTS_EVERYSEC:-300000}
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 lua="$repo/scripts/bench"
@@ -98,7 +98,8 @@ add_row() { rows+=("$1|$2|$3|$4|$5|$6"); say "$1: $2 req/s, p50 $3 ms, p99 $4 ms
 run_wrk() { # run_wrk LABEL URL SCRIPT PID...
     local label=$1 url=$2 script=$3; shift 3
     if (( WARMUP > 0 )); then
-        wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s "$lua/$script" "$url" >/dev/null
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" -s "$lua/$script" "$url" -- warmup \
+            >/dev/null
     fi
     local before after out
     before=$(cpu_seconds "$@")
@@ -109,7 +110,11 @@ run_wrk() { # run_wrk LABEL URL SCRIPT PID...
     rps=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out")
     p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
-    errors=$(awk '/Non-2xx/ { n += $NF } /Socket errors/ { n += 1 } END { print n + 0 }' <<<"$out")
+    # Answers with a status of 400 or more, and connect/read/write errors and
+    # timeouts ("Socket errors: connect 0, read 0, write 0, timeout 0").
+    errors=$(awk '/Non-2xx/ { n += $NF }
+        /Socket errors/ { gsub(/[^0-9 ]/, " "); for (i = 1; i <= NF; i++) n += $i }
+        END { print n + 0 }' <<<"$out")
     cpu=$(awk -v a="$after" -v b="$before" -v n="$requests" \
         'BEGIN { if (n > 0) printf "%.0f", (a - b) * 1e6 / n; else print "?" }')
     add_row "$label" "$rps" "$p50" "$p99" "$cpu" "$errors"
