@@ -195,6 +195,14 @@ impl Store for FjallStore {
 
     /// Reads come from the memtable or the block cache, or read one table
     /// block through the OS; a batch is a journal write and a memtable insert.
+    ///
+    /// Two waits remain inside a batch's commit, both fjall's: it takes the
+    /// journal's lock, which `persist` holds through the `fdatasync`, so a
+    /// batch committed while the committer syncs waits for the rest of that
+    /// sync (26–80 µs on a quiet disk, milliseconds on a busy one); and under
+    /// write backpressure (4+ sealed memtables, or 20+ level-0 runs) fjall
+    /// sleeps in the writer's thread. Both stall the async thread that
+    /// commits (docs/benchmarks.md §3a).
     fn serves_inline(&self) -> bool {
         true
     }
