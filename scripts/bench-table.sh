@@ -3,6 +3,7 @@
 #
 #   scripts/bench-table.sh            # every target, ~3 minutes
 #   DURATION=5 scripts/bench-table.sh # shorter phases
+#   BUILD=0 scripts/bench-table.sh    # use the binaries already built
 #
 # Starts each target in turn on 127.0.0.1 — the do-nothing axum server
 # (`benches/load.rs --serve-null`), calmkv 1 node (`sync` PUT, counter incr and
@@ -55,11 +56,16 @@ need wrk wrk
 need redis-server redis-server
 need redis-benchmark redis-tools
 
-say "building calmkv and the load harness (release)"
-(cd "$repo" && cargo build --release --bin calmkv >&2)
 calmkv="$CARGO_TARGET_DIR/release/calmkv"
-load=$(cd "$repo" && cargo bench --bench load --no-run 2>&1 \
-    | grep -o '(.*deps/load-[0-9a-f]*)' | tr -d '()' | tail -1)
+if [[ ${BUILD:-1} == 0 ]]; then
+    say "BUILD=0: using the binaries already built"
+    load=$(ls -t "$CARGO_TARGET_DIR"/release/deps/load-* 2>/dev/null | grep -v '\.d$' | head -1)
+else
+    say "building calmkv and the load harness (release)"
+    (cd "$repo" && cargo build --release --bin calmkv >&2)
+    load=$(cd "$repo" && cargo bench --bench load --no-run 2>&1 \
+        | grep -o '(.*deps/load-[0-9a-f]*)' | tr -d '()' | tail -1)
+fi
 [[ -x $load ]] || { say "cannot find the load harness binary"; exit 1; }
 
 ticks=$(getconf CLK_TCK)
