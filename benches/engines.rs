@@ -8,7 +8,12 @@
 //! - `store 1 thread`: calmkv's store (`store::open`, the free-space guard
 //!   included), one `apply` of a one-put batch at a time;
 //! - `store 8 threads`: [`THREADS`] threads applying at once, sharing syncs
-//!   through the group commit.
+//!   through the group commit;
+//! - fjall only, `native, 8 threads, shared sync`: [`THREADS`] threads each
+//!   inserting, then waiting for a sync that covers their insert, one sync at a
+//!   time shared by whoever waits (the least any store on fjall can do per put
+//!   under `Sync`); and `Db register put, 8 threads`: the embedded [`calmkv::Db`]
+//!   under `Sync`, a new register per put, to compare with it.
 //!
 //! Each line: puts/s, latency p50/p99/max, and batches per sync (store rows).
 //! Run: `cargo bench --bench engines` (about 40 s of measuring; nothing else
@@ -19,6 +24,7 @@ use calmkv::store::{self, Batch, Durability, Engine, Store};
 use hdrhistogram::Histogram;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long each measurement runs.
@@ -140,6 +146,69 @@ fn store_threads(engine: Engine, dir: &Path, threads: u64) {
     report(engine, &row, &latencies, elapsed, &per_sync);
 }
 
+/// Runs `put(thread, n)` from [`THREADS`] threads for [`RUN`]; the merged
+/// latencies and the longest thread's time.
+fn threaded(put: impl Fn(u64, u64) + Sync) -> (Histogram<u64>, Duration) {
+    let next = AtomicU64::new(0);
+    let runs: Vec<(Histogram<u64>, Duration)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (next, put) = (&next, &put);
+                scope.spawn(move || timed(|_| put(t, next.fetch_add(1, Ordering::Relaxed))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let elapsed = runs.iter().map(|(_, e)| *e).max().unwrap_or(RUN);
+    let mut latencies = histogram();
+    for (h, _) in &runs {
+        latencies.add(h).unwrap();
+    }
+    (latencies, elapsed)
+}
+
+/// Raw fjall, [`THREADS`] writers: insert, then a sync that began after the
+/// insert (whoever holds the sync lock syncs for everyone inserted so far).
+fn fjall_native_shared_sync(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let db = fjall::Database::builder(dir).open().unwrap();
+    let data = db.keyspace("data", fjall::KeyspaceCreateOptions::default).unwrap();
+    let inserted = AtomicU64::new(0);
+    // The highest insert number covered by a finished sync.
+    let synced = Mutex::new(0u64);
+    let syncs = AtomicU64::new(0);
+    let (latencies, elapsed) = threaded(|t, n| {
+        data.insert(key(t, n), value(n)).unwrap();
+        let mine = inserted.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut covered = synced.lock().unwrap();
+        if *covered < mine {
+            let target = inserted.load(Ordering::SeqCst);
+            db.persist(fjall::PersistMode::SyncData).unwrap();
+            syncs.fetch_add(1, Ordering::Relaxed);
+            *covered = target;
+        }
+    });
+    let per_sync = latencies.len() as f64 / syncs.load(Ordering::Relaxed).max(1) as f64;
+    let row = format!("native, {THREADS} threads, shared sync");
+    report(Engine::Fjall, &row, &latencies, elapsed, &format!("{per_sync:.1}"));
+}
+
+/// The embedded `Db` on fjall under `Sync`: register puts from [`THREADS`] threads.
+fn db_register_puts(dir: &Path) {
+    let mut config = calmkv::Config::new(dir);
+    config.engine = Some(Engine::Fjall);
+    config.durability = Durability::Sync;
+    let db = calmkv::Db::open_with(config).unwrap();
+    let (latencies, elapsed) = threaded(|t, n| {
+        let name = format!("bench/{t}/{n:010}");
+        db.register(&name).put(value(n), None).unwrap();
+    });
+    let syncs = db.node().store().stats().unwrap().flush_latency.map_or(0, |h| h.count()).max(1);
+    let per_sync = format!("{:.1}", latencies.len() as f64 / syncs as f64);
+    let row = format!("Db register put, {THREADS} threads");
+    report(Engine::Fjall, &row, &latencies, elapsed, &per_sync);
+}
+
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     println!("| engine | run | puts/s | p50 µs | p99 µs | max µs | puts per sync |");
@@ -148,13 +217,16 @@ fn main() {
         if filter.as_ref().is_some_and(|f| !engine.name().contains(f.as_str())) {
             continue;
         }
-        for run in 0..3 {
+        let runs = if engine == Engine::Fjall { 5 } else { 3 };
+        for run in 0..runs {
             let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
             let path = dir.path().join("store");
             match run {
                 0 => native_one_thread(engine, &path),
                 1 => store_threads(engine, &path, 1),
-                _ => store_threads(engine, &path, THREADS),
+                2 => store_threads(engine, &path, THREADS),
+                3 => fjall_native_shared_sync(&path),
+                _ => db_register_puts(&path),
             }
         }
     }

@@ -1,14 +1,20 @@
 //! The node's metrics, rendered in the Prometheus text format at `GET /metrics`.
 //!
-//! Small and dependency-free: counters keyed by label values, and latency
-//! histograms with fixed exponential buckets. Histograms are exposed as
+//! Small and dependency-free: request counters by route, method and status, and
+//! latency histograms with fixed exponential buckets. Histograms are exposed as
 //! Prometheus histograms and, for people reading the page, as p50/p99/p999
 //! estimates (the upper bound of the bucket holding the quantile).
+//!
+//! Recording a request takes no lock and allocates nothing: every counter and
+//! bucket is an atomic in a table fixed at start ([`ROUTES_MAX`] routes, the
+//! common methods, every registered status code). A route's slot is claimed on
+//! its first request, under a lock taken only then; the router has a fixed set
+//! of routes, so after warm-up no request takes it. (`prometheus-client` was
+//! not adopted: its label families are maps behind a lock.)
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in microseconds: 50 µs doubling to ~54 s.
@@ -114,13 +120,77 @@ fn render_family(out: &mut String, name: &str, help: &str, histograms: &[(String
     }
 }
 
+/// Most routes counted apart; the requests of any further route count under
+/// the route `other`. The API has about ten.
+pub const ROUTES_MAX: usize = 32;
+
+/// Methods counted apart; any other counts as `OTHER`.
+const METHODS: [&str; 8] = ["GET", "PUT", "POST", "DELETE", "HEAD", "OPTIONS", "PATCH", "OTHER"];
+
+/// Status codes counted apart: those of the IANA HTTP status code registry.
+/// Any other counts under the status `other`.
+const STATUSES: [u16; 63] = [
+    100, 101, 102, 103, 200, 201, 202, 203, 204, 205, 206, 207, 208, 226, 300, 301, 302, 303, 304,
+    305, 307, 308, 400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415,
+    416, 417, 421, 422, 423, 424, 425, 426, 428, 429, 431, 451, 500, 501, 502, 503, 504, 505, 506,
+    507, 508, 510, 511, 418, 309,
+];
+
+/// Slots per method: one per status in [`STATUSES`], and `other`.
+const STATUS_SLOTS: usize = STATUSES.len() + 1;
+
+/// Status code → slot in [`STATUSES`]; `u8::MAX` for the codes not listed.
+const STATUS_SLOT: [u8; 600] = {
+    let mut slots = [u8::MAX; 600];
+    let mut i = 0;
+    while i < STATUSES.len() {
+        slots[STATUSES[i] as usize] = i as u8;
+        i += 1;
+    }
+    slots
+};
+
+const _: () = assert!(STATUS_SLOTS < u8::MAX as usize, "status slots fit the u8 table");
+
+fn status_slot(status: u16) -> usize {
+    match STATUS_SLOT.get(usize::from(status)) {
+        Some(&slot) if slot != u8::MAX => usize::from(slot),
+        _ => STATUSES.len(),
+    }
+}
+
+fn method_slot(method: &str) -> usize {
+    METHODS[..METHODS.len() - 1].iter().position(|m| *m == method).unwrap_or(METHODS.len() - 1)
+}
+
+/// The counters and latency of one route.
+struct RouteMetrics {
+    /// Set once, by the route's first request.
+    name: OnceLock<Box<str>>,
+    requests: [[AtomicU64; STATUS_SLOTS]; METHODS.len()],
+    latency: Histogram,
+}
+
+impl RouteMetrics {
+    fn new() -> RouteMetrics {
+        RouteMetrics {
+            name: OnceLock::new(),
+            requests: [const { [const { AtomicU64::new(0) }; STATUS_SLOTS] }; METHODS.len()],
+            latency: Histogram::default(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.name.get().map_or("other", |name| name)
+    }
+}
+
 /// Every metric of a node.
-#[derive(Debug, Default)]
 pub struct Metrics {
-    /// HTTP requests by (route, method, status).
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-    /// HTTP latency by route.
-    latency: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    /// [`ROUTES_MAX`] slots claimed in order, then the slot of `other`.
+    routes: Box<[RouteMetrics]>,
+    /// Taken only to claim a route's slot.
+    claiming: Mutex<()>,
     /// Requests refused by load shedding.
     pub shed: AtomicU64,
     /// Requests that ran past the request timeout.
@@ -129,28 +199,79 @@ pub struct Metrics {
     pub unauthorized: AtomicU64,
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let routes: Vec<&str> = self.claimed().iter().map(RouteMetrics::name).collect();
+        f.debug_struct("Metrics").field("routes", &routes).finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            routes: (0..=ROUTES_MAX).map(|_| RouteMetrics::new()).collect(),
+            claiming: Mutex::new(()),
+            shed: AtomicU64::new(0),
+            timed_out: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
+        }
+    }
+}
+
 impl Metrics {
     /// A fresh registry.
     pub fn new() -> Arc<Metrics> {
         Arc::new(Metrics::default())
     }
 
-    /// Records one finished HTTP request.
-    pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
-        {
-            let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-            *requests.entry((route.to_string(), method.to_string(), status)).or_insert(0) += 1;
+    /// The claimed route slots, in the order they were claimed.
+    fn claimed(&self) -> &[RouteMetrics] {
+        let claimed = self.routes[..ROUTES_MAX].iter().take_while(|r| r.name.get().is_some());
+        &self.routes[..claimed.count()]
+    }
+
+    /// The slot of `route`: a scan of the claimed slots (no lock); on a route's
+    /// first request, a claim under the lock.
+    fn route(&self, route: &str) -> &RouteMetrics {
+        if let Some(found) = self.claimed().iter().find(|r| r.name() == route) {
+            return found;
         }
-        let histogram = {
-            let mut latency = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-            latency.entry(route.to_string()).or_default().clone()
-        };
-        histogram.observe(elapsed);
+        let _claiming = self.claiming.lock().unwrap_or_else(PoisonError::into_inner);
+        for slot in &self.routes[..ROUTES_MAX] {
+            match slot.name.get() {
+                Some(name) if **name == *route => return slot,
+                Some(_) => continue,
+                None => {
+                    // Under the lock no one else claims: the set succeeds.
+                    let _ = slot.name.set(route.into());
+                    return slot;
+                }
+            }
+        }
+        &self.routes[ROUTES_MAX]
+    }
+
+    /// Records one finished HTTP request: atomic increments, no allocation.
+    pub fn record_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        let slot = self.route(route);
+        slot.requests[method_slot(method)][status_slot(status)].fetch_add(1, Ordering::Relaxed);
+        slot.latency.observe(elapsed);
     }
 
     /// The latency histogram of a route, if it has served a request.
-    pub fn route_latency(&self, route: &str) -> Option<Arc<Histogram>> {
-        self.latency.lock().unwrap_or_else(|p| p.into_inner()).get(route).cloned()
+    pub fn route_latency(&self, route: &str) -> Option<&Histogram> {
+        self.claimed().iter().find(|r| r.name() == route).map(|r| &r.latency)
+    }
+
+    /// The routes with requests, by name (`other` last, when it has any).
+    fn routes_by_name(&self) -> Vec<&RouteMetrics> {
+        let mut routes: Vec<&RouteMetrics> = self.claimed().iter().collect();
+        routes.sort_by(|a, b| a.name().cmp(b.name()));
+        let other = &self.routes[ROUTES_MAX];
+        if other.latency.count() > 0 {
+            routes.push(other);
+        }
+        routes
     }
 
     /// Renders the HTTP metrics; `gauges` (counters when named `*_total`) and
@@ -165,23 +286,25 @@ impl Metrics {
             "# HELP calmkv_http_requests_total HTTP requests by route, method and status.\n",
         );
         out.push_str("# TYPE calmkv_http_requests_total counter\n");
-        for ((route, method, status), n) in
-            self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter()
-        {
-            let _ = writeln!(
-                out,
-                "calmkv_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {n}"
-            );
+        let routes = self.routes_by_name();
+        for route in &routes {
+            let name = route.name();
+            for (method, counts) in METHODS.iter().zip(&route.requests) {
+                for (slot, count) in counts.iter().enumerate() {
+                    let n = count.load(Ordering::Relaxed);
+                    if n == 0 {
+                        continue;
+                    }
+                    let status = STATUSES.get(slot).map_or("other".to_string(), u16::to_string);
+                    let _ = writeln!(
+                        out,
+                        "calmkv_http_requests_total{{route=\"{name}\",method=\"{method}\",status=\"{status}\"}} {n}"
+                    );
+                }
+            }
         }
-        let latency: Vec<(String, Arc<Histogram>)> = self
-            .latency
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(route, h)| (format!("route=\"{route}\""), h.clone()))
-            .collect();
         let latency: Vec<(String, &Histogram)> =
-            latency.iter().map(|(labels, h)| (labels.clone(), h.as_ref())).collect();
+            routes.iter().map(|r| (format!("route=\"{}\"", r.name()), &r.latency)).collect();
         render_family(
             &mut out,
             "calmkv_http_request_duration_seconds",
@@ -218,6 +341,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn quantiles_come_from_the_bucket_holding_them() {
@@ -291,5 +415,45 @@ mod tests {
         assert!(text.contains("calmkv_store_size_bytes 42"));
         assert!(text.contains("calmkv_store_flush_seconds_count 1"));
         assert!(text.contains("calmkv_store_flush_seconds_quantile{quantile=\"0.5\"} 0.0032"));
+    }
+
+    /// Methods and statuses outside the fixed tables, and routes past
+    /// `ROUTES_MAX`, are counted (as `OTHER`, `other`, `other`), never dropped,
+    /// and never add series: the table is bounded whatever clients send.
+    #[test]
+    fn unknown_methods_statuses_and_routes_past_the_bound_count_as_other() {
+        let m = Metrics::default();
+        m.record_request("/a", "BREW", 299, Duration::from_micros(10));
+        m.record_request("/a", "GET", 200, Duration::from_micros(10));
+        m.record_request("/a", "GET", 200, Duration::from_micros(10));
+        for i in 0..ROUTES_MAX + 5 {
+            m.record_request(&format!("/r{i}"), "PUT", 204, Duration::from_micros(10));
+        }
+        let text = m.render(&[], &[]);
+        assert!(text.contains(
+            "calmkv_http_requests_total{route=\"/a\",method=\"OTHER\",status=\"other\"} 1"
+        ));
+        assert!(text
+            .contains("calmkv_http_requests_total{route=\"/a\",method=\"GET\",status=\"200\"} 2"));
+        // `/a` took one slot, so 31 of the 37 other routes got one; 6 are `other`.
+        assert!(text.contains(
+            "calmkv_http_requests_total{route=\"other\",method=\"PUT\",status=\"204\"} 6"
+        ));
+        assert!(!text.contains("route=\"/r31\""), "{text}");
+        assert!(text.contains("route=\"/r30\""));
+        assert_eq!(m.route_latency("/a").map(Histogram::count), Some(3));
+        assert!(m.route_latency("/r40").is_none());
+    }
+
+    #[test]
+    fn every_status_of_the_table_has_its_own_slot() {
+        let mut seen = std::collections::BTreeSet::new();
+        for status in STATUSES {
+            assert!(seen.insert(status_slot(status)), "{status} shares a slot");
+            assert!(status_slot(status) < STATUSES.len());
+        }
+        for status in [0, 99, 199, 599, 600, u16::MAX] {
+            assert_eq!(status_slot(status), STATUSES.len(), "{status}");
+        }
     }
 }

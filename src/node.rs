@@ -7,7 +7,17 @@
 //! so a refused operation leaves the store untouched. The batch holds the
 //! write's delta, appended to the key's log, or the merged state, folding the
 //! log (`node/delta_log.rs`), so a write costs what it changes. Both faces
-//! (HTTP and embedded) call [`Node::apply`], [`Node::read`] and [`Node::scan`].
+//! (HTTP and embedded) call [`Node::apply`] (or its async twin
+//! [`Node::apply_async`]), [`Node::read`] and [`Node::scan`].
+//!
+//! The key's lock covers the read-merge-write and the store's apply, not the
+//! wait for durability: the write takes a [`CommitTicket`] from the store and
+//! waits on it after the lock is released, so writers of one key do not queue
+//! behind each other's fsync, and concurrent writers share one (group commit).
+//! A later writer of the key sees the earlier one's state before it is
+//! durable, and its own ticket covers it: it is acknowledged only once both
+//! are durable. A write that changes nothing waits on the store's barrier for
+//! the same reason.
 
 use crate::envelope::{Envelope, KeyType};
 use crate::error::NodeError;
@@ -15,7 +25,7 @@ use crate::invariants::{as_creation, Invariants, Route};
 use crate::op::{Action, CounterOp, CrdtOp, FlagOp, Key, Op};
 use crate::read::ReadResult;
 use crate::replication::digest::{bucket_of, Digest};
-use crate::store::Store;
+use crate::store::{CommitTicket, Store};
 use crate::Limits;
 use calmkv_crdts::{CausalContext, Crdt, CrdtError, HybridClock, NodeId, OrMap, Value};
 use delta_log::{DATA_PREFIX, HASH_PREFIX};
@@ -55,6 +65,10 @@ impl Applied {
         self.state.value.context()
     }
 }
+
+/// A write up to the store's apply: [`Node::apply_deferred`] or
+/// [`Node::apply_alone_deferred`].
+type ApplyDeferred = fn(&Node, &Op) -> Result<(Applied, CommitTicket), NodeError>;
 
 /// One page of a scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,7 +160,64 @@ impl Node {
     /// failed after the batch was handed over), and the store refuses every
     /// later write until restart, which also rebuilds the digest.
     pub fn apply(&self, op: &Op) -> Result<Applied, NodeError> {
-        self.apply_admitted(op, |_, _| Ok(()))
+        let (applied, ticket) = self.apply_deferred(op)?;
+        ticket.wait()?;
+        Ok(applied)
+    }
+
+    /// [`Node::apply`] up to the store's apply: the write is visible to reads,
+    /// and may be acknowledged once the ticket is waited on.
+    pub fn apply_deferred(&self, op: &Op) -> Result<(Applied, CommitTicket), NodeError> {
+        self.apply_admitted_deferred(op, |_, _| Ok(()))
+    }
+
+    /// [`Node::apply`] for async callers. On a store that
+    /// [serves inline](Store::serves_inline), the write runs on the caller's
+    /// thread (microseconds) and the wait for durability is a future resolved
+    /// by the store's committer thread; otherwise the whole apply runs on the
+    /// blocking pool.
+    pub async fn apply_async(self: &Arc<Node>, op: Op) -> Result<Applied, NodeError> {
+        self.run_async(op, Node::apply_deferred).await
+    }
+
+    /// [`Node::apply_alone`] for async callers, as [`Node::apply_async`].
+    pub async fn apply_alone_async(self: &Arc<Node>, op: Op) -> Result<Applied, NodeError> {
+        self.run_async(op, Node::apply_alone_deferred).await
+    }
+
+    async fn run_async(
+        self: &Arc<Node>,
+        op: Op,
+        apply: ApplyDeferred,
+    ) -> Result<Applied, NodeError> {
+        if self.store.serves_inline() {
+            let (applied, ticket) = apply(self, &op)?;
+            ticket.wait_async().await?;
+            return Ok(applied);
+        }
+        let node = self.clone();
+        let work = move || {
+            let (applied, ticket) = apply(&node, &op)?;
+            ticket.wait()?;
+            Ok(applied)
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+
+    /// [`Node::envelope`] for async callers: on the caller's thread when the
+    /// store [serves inline](Store::serves_inline), else on the blocking pool.
+    pub async fn envelope_async(self: &Arc<Node>, key: &Key) -> Result<Envelope, NodeError> {
+        if self.store.serves_inline() {
+            return self.envelope(key);
+        }
+        let (node, key) = (self.clone(), key.clone());
+        match tokio::task::spawn_blocking(move || node.envelope(&key)).await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
     }
 
     /// Applies a write on a node that is the only replica of its keys (the
@@ -155,16 +226,23 @@ impl Node {
     /// replica can write concurrently. On a unique key a write without a
     /// context is a creation (insert-if-absent).
     pub fn apply_alone(&self, op: &Op) -> Result<Applied, NodeError> {
+        let (applied, ticket) = self.apply_alone_deferred(op)?;
+        ticket.wait()?;
+        Ok(applied)
+    }
+
+    /// [`Node::apply_alone`] up to the store's apply, as [`Node::apply_deferred`].
+    pub fn apply_alone_deferred(&self, op: &Op) -> Result<(Applied, CommitTicket), NodeError> {
         let invariants = self.invariants.clone();
         let route = invariants.route(op)?;
         match &route {
-            Route::Local => self.apply(op),
+            Route::Local => self.apply_deferred(op),
             Route::Quorum { declaration, kinds } => {
                 let op = as_creation(op, &route);
-                let applied = self.apply_admitted(&op, |before, after| {
+                let (applied, ticket) = self.apply_admitted_deferred(&op, |before, after| {
                     Invariants::admit(declaration, kinds, op.key.as_str(), before, after)
                 })?;
-                Ok(Applied { coordinated: true, ..applied })
+                Ok((Applied { coordinated: true, ..applied }, ticket))
             }
         }
     }
@@ -189,6 +267,19 @@ impl Node {
         op: &Op,
         admit: impl FnOnce(&Envelope, &Envelope) -> Result<(), NodeError>,
     ) -> Result<Applied, NodeError> {
+        let (applied, ticket) = self.apply_admitted_deferred(op, admit)?;
+        ticket.wait()?;
+        Ok(applied)
+    }
+
+    /// [`Node::apply_admitted`] up to the store's apply, as
+    /// [`Node::apply_deferred`]: the key's lock is released before the ticket
+    /// is waited on.
+    fn apply_admitted_deferred(
+        &self,
+        op: &Op,
+        admit: impl FnOnce(&Envelope, &Envelope) -> Result<(), NodeError>,
+    ) -> Result<(Applied, CommitTicket), NodeError> {
         op.validate(&self.limits)?;
         let _guard = self.lock(&op.key);
         let bucket = bucket_of(op.key.as_str());
@@ -196,30 +287,35 @@ impl Node {
         let mut state = stored.state.clone();
         let delta = self.execute(&mut state, op)?;
         admit(&stored.state, &state)?;
-        if state != stored.state {
+        let ticket = if state != stored.state {
             // The delta goes to the log only if it takes the stored state to
             // the new one exactly; otherwise the write stores the state.
             let exact = stored.state.merged(&delta) == state;
             let plan =
                 delta_log::plan(op.key.as_str(), bucket, &stored, &state, exact.then_some(&delta));
-            self.write(bucket, plan)?;
-        }
-        Ok(Applied { state, delta, coordinated: false })
+            self.write(bucket, plan)?
+        } else {
+            self.store.barrier()
+        };
+        Ok((Applied { state, delta, coordinated: false }, ticket))
     }
 
     /// Merges a state (a delta or a full state from another replica) into a key.
     /// Merges never refuse: a join that could fail would break convergence.
     /// Returns whether the key changed; stored with the store's durability.
     pub fn merge(&self, key: &Key, remote: &Envelope) -> Result<bool, NodeError> {
-        let _guard = self.lock(key);
-        let bucket = bucket_of(key.as_str());
-        let stored = delta_log::load_for_write(&*self.store, key.as_str(), bucket)?;
-        let merged = stored.state.merged(remote);
-        if merged == stored.state {
-            return Ok(false);
-        }
-        let plan = delta_log::plan(key.as_str(), bucket, &stored, &merged, Some(remote));
-        self.write(bucket, plan)?;
+        let ticket = {
+            let _guard = self.lock(key);
+            let bucket = bucket_of(key.as_str());
+            let stored = delta_log::load_for_write(&*self.store, key.as_str(), bucket)?;
+            let merged = stored.state.merged(remote);
+            if merged == stored.state {
+                return Ok(false);
+            }
+            let plan = delta_log::plan(key.as_str(), bucket, &stored, &merged, Some(remote));
+            self.write(bucket, plan)?
+        };
+        ticket.wait()?;
         Ok(true)
     }
 
@@ -228,14 +324,17 @@ impl Node {
     /// Writes fold on their own once a log outgrows its share of the state
     /// ([`LOG_SHARE_OF_BASE_INV`]); this is for tools and tests.
     pub fn compact(&self, key: &Key) -> Result<bool, NodeError> {
-        let _guard = self.lock(key);
-        let bucket = bucket_of(key.as_str());
-        let stored = delta_log::load_for_write(&*self.store, key.as_str(), bucket)?;
-        if !stored.has_log() {
-            return Ok(false);
-        }
-        let plan = delta_log::plan(key.as_str(), bucket, &stored, &stored.state, None);
-        self.write(bucket, plan)?;
+        let ticket = {
+            let _guard = self.lock(key);
+            let bucket = bucket_of(key.as_str());
+            let stored = delta_log::load_for_write(&*self.store, key.as_str(), bucket)?;
+            if !stored.has_log() {
+                return Ok(false);
+            }
+            let plan = delta_log::plan(key.as_str(), bucket, &stored, &stored.state, None);
+            self.write(bucket, plan)?
+        };
+        ticket.wait()?;
         Ok(true)
     }
 
@@ -307,14 +406,14 @@ impl Node {
 
     /// Applies a planned write of one key (its rows and its digest entry, one
     /// batch), then moves the in-memory digest and live-bytes count. Called
-    /// under the key's lock.
-    fn write(&self, bucket: u16, plan: delta_log::Write) -> Result<(), NodeError> {
-        self.store.apply(plan.batch)?;
+    /// under the key's lock; the caller waits on the ticket after releasing it.
+    fn write(&self, bucket: u16, plan: delta_log::Write) -> Result<CommitTicket, NodeError> {
+        let ticket = self.store.apply_deferred(plan.batch)?;
         self.digest.replace(bucket, plan.old_hash, plan.new_hash);
         // Under the key's lock this key's share moves by exactly this much.
         self.live_bytes.fetch_add(plan.new_row_bytes, Ordering::Relaxed);
         self.live_bytes.fetch_sub(plan.old_row_bytes, Ordering::Relaxed);
-        Ok(())
+        Ok(ticket)
     }
 
     /// The digest of this node's key space.
@@ -648,5 +747,30 @@ mod tests {
         assert_eq!(a.envelope(&key("m")).unwrap(), b.envelope(&key("m")).unwrap());
         let fields = b.envelope(&key("m")).unwrap().value.map();
         assert_eq!(fields.keys().cloned().collect::<Vec<_>>(), ["n", "name"]);
+    }
+
+    /// The key lock is not held through the wait for durability, so a write
+    /// that changes nothing may see another's batch before it is durable: it
+    /// then waits on the store's barrier, and is acknowledged only once what
+    /// it saw is durable.
+    #[test]
+    fn a_write_that_changes_nothing_waits_for_the_pending_batch_it_may_have_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            crate::store::FjallStore::open(dir.path(), crate::store::Durability::Sync).unwrap();
+        let node = Node::open(NodeId(1), Arc::new(store), Limits::default()).unwrap();
+        let put = Op {
+            key: key("a"),
+            action: Action::Put { value: Bytes::from("v"), context: None, if_absent: false },
+        };
+        let (_, written) = node.apply_deferred(&put).unwrap();
+        assert!(!written.is_ready(), "a sync write waits for its flush");
+        let nothing = Op { key: key("b"), action: Action::Delete { context: None } };
+        let (_, noop) = node.apply_deferred(&nothing).unwrap();
+        assert!(!noop.is_ready(), "the no-op waits for the pending batch");
+        noop.wait().unwrap();
+        written.wait().unwrap();
+        let (_, later) = node.apply_deferred(&nothing).unwrap();
+        assert!(later.is_ready(), "nothing pending: a no-op is acknowledged at once");
     }
 }

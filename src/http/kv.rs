@@ -79,7 +79,9 @@ fn body_of(body: Result<Bytes, BytesRejection>, limits: &Limits) -> Result<Bytes
     })
 }
 
-/// Runs node work on the blocking pool: writes wait for fsync.
+/// Runs node work on the blocking pool: a scan page may read thousands of
+/// stored keys. Reads and writes of one key run on the request's own thread
+/// ([`Node::apply_async`](crate::Node::apply_async)).
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
 ) -> Result<T, ApiError> {

@@ -2,8 +2,9 @@
 //! accept loop on hyper.
 //!
 //! Handlers only translate: they parse a request into an [`Op`](crate::Op) or a
-//! read, call the [`Node`] on the blocking pool (a write waits for its fsync), and
-//! render the answer. Bounded before trusted, outermost first:
+//! read, call the [`Node`] (a write is applied on the request's thread and
+//! awaits its fsync without holding a thread; a scan runs on the blocking
+//! pool), and render the answer. Bounded before trusted, outermost first:
 //!
 //! 1. the accept loop: at most `http_connections_per_ip_max` connections per
 //!    client IP and `http_connections_max` in all (more are closed at once),
@@ -435,14 +436,13 @@ async fn unrouted(State(state): State<AppState>, uri: Uri) -> ApiError {
 
 async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().to_string();
+    // Both are reference-counted or inline: recording allocates nothing.
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
     let status = response.status().as_u16();
-    state.inner.metrics.record_request(&route, &method, status, started.elapsed());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    state.inner.metrics.record_request(route, method.as_str(), status, started.elapsed());
     response
 }
 

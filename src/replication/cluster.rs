@@ -179,7 +179,7 @@ impl Cluster {
         let node = self.node().clone();
         let needs_quorum = matches!(node.invariants().route(&op)?, Route::Quorum { .. });
         if !needs_quorum {
-            return blocking(move || node.apply(&op)).await;
+            return node.apply_async(op).await;
         }
         if let Some(coordinator) = self.coordinator.get() {
             return coordinator
@@ -187,7 +187,7 @@ impl Cluster {
                 .await;
         }
         if self.alone() {
-            return blocking(move || node.apply_alone(&op)).await;
+            return node.apply_alone_async(op).await;
         }
         Err(NodeError::CoordinationUnavailable {
             key: op.key.to_string(),
@@ -281,12 +281,7 @@ impl Cluster {
         timeout: Duration,
         min_harvest: Option<f64>,
     ) -> Result<ClusterRead, ClusterError> {
-        let node = self.node().clone();
-        let local = blocking({
-            let key = key.clone();
-            move || node.envelope(&key)
-        })
-        .await?;
+        let local = self.node().envelope_async(key).await?;
         let replicas = self.replicas_for(key);
         let peers: Vec<NodeId> =
             replicas.iter().copied().filter(|id| *id != self.node().id()).collect();

@@ -19,12 +19,22 @@
 //! everything written before it began. A writer returns `Ok` only once
 //! `durable >= its generation`.
 //!
+//! Async writers (HTTP requests) do not lead: [`GroupCommit::wait_durable_async`]
+//! asks for a flush ([`GroupCommit::request`]) and awaits the published
+//! durable generation; the store's committer thread, which waits for such
+//! requests in [`GroupCommit::next_flush`], leads the flush on their behalf.
+//! Blocking writers and the committer share the same `flushing` flag, so there
+//! is never more than one flush at a time, and a flush covers whoever
+//! registered before it began, whichever kind of writer they are.
+//!
 //! A failed flush is sticky: the kernel may have dropped the pages it could not
 //! write, so a later flush that succeeds proves nothing about them (PostgreSQL's
 //! "fsyncgate", 2018). From the first failure on, every wait and every
 //! [`GroupCommit::check`] fails.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// Why a writer was not acknowledged.
 #[derive(Debug)]
@@ -51,13 +61,38 @@ struct State {
     flushes: u64,
     /// The first failed flush's error; set once, never cleared.
     failed: Option<String>,
+    /// The newest generation an async writer asked the committer to make durable.
+    wanted: u64,
+    /// The committer thread is asked to end.
+    stopping: bool,
+}
+
+/// What async writers watch: the durable generation, and whether a flush failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Published {
+    durable: u64,
+    failed: bool,
 }
 
 /// The coordinator; see the module doc.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct GroupCommit {
     state: Mutex<State>,
     flush_ended: Condvar,
+    /// Wakes the committer thread: a request, a flush that ended, a stop.
+    work: Condvar,
+    published: watch::Sender<Published>,
+}
+
+impl Default for GroupCommit {
+    fn default() -> GroupCommit {
+        GroupCommit {
+            state: Mutex::default(),
+            flush_ended: Condvar::new(),
+            work: Condvar::new(),
+            published: watch::Sender::new(Published::default()),
+        }
+    }
 }
 
 impl GroupCommit {
@@ -88,6 +123,87 @@ impl GroupCommit {
     /// The newest generation handed out.
     pub(crate) fn registered(&self) -> u64 {
         self.lock().registered
+    }
+
+    /// The newest generation handed out, when it is not yet durable: a writer
+    /// that saw the engine's state and wrote nothing waits for it before it is
+    /// acknowledged (what it saw may be another writer's batch still in flight).
+    pub(crate) fn pending(&self) -> Option<u64> {
+        let state = self.lock();
+        (state.registered > state.durable).then_some(state.registered)
+    }
+
+    /// Asks the committer thread to make `generation` durable. Never blocks
+    /// beyond the coordinator's lock.
+    pub(crate) fn request(&self, generation: u64) {
+        let mut state = self.lock();
+        if generation > state.wanted {
+            state.wanted = generation;
+            if !state.flushing && generation > state.durable {
+                self.work.notify_one();
+            }
+        }
+    }
+
+    /// Returns once `generation` is durable, without blocking a thread: asks
+    /// the committer for a flush and awaits its publication. `Err` carries the
+    /// first failed flush's error.
+    pub(crate) async fn wait_durable_async(&self, generation: u64) -> Result<(), String> {
+        let mut published = self.published.subscribe();
+        self.request(generation);
+        // The sender lives in `self`, which outlives this borrow: `Err` cannot
+        // happen, and would count as a failure.
+        let failed = published
+            .wait_for(|p| p.failed || p.durable >= generation)
+            .await
+            .map_or(true, |seen| seen.failed);
+        if failed {
+            let reason = self.lock().failed.clone();
+            return Err(reason.unwrap_or_else(|| "a flush failed".to_string()));
+        }
+        Ok(())
+    }
+
+    /// The committer thread's wait: blocks until a flush should run, and returns
+    /// the generation to flush up to; `None` once [`GroupCommit::stop`] was
+    /// called or a flush failed. A flush is due when an async writer asked for
+    /// one ([`GroupCommit::request`]), or with `period`, every period while
+    /// something registered is not yet durable.
+    pub(crate) fn next_flush(&self, period: Option<Duration>) -> Option<u64> {
+        let mut state = self.lock();
+        let mut due = period.map(|p| Instant::now() + p);
+        loop {
+            if state.stopping || state.failed.is_some() {
+                return None;
+            }
+            if state.wanted > state.durable && !state.flushing {
+                return Some(state.wanted);
+            }
+            match (due, period) {
+                (Some(at), Some(period)) => {
+                    let now = Instant::now();
+                    if now >= at {
+                        if state.registered > state.durable && !state.flushing {
+                            return Some(state.registered);
+                        }
+                        due = Some(now + period);
+                        continue;
+                    }
+                    state = self
+                        .work
+                        .wait_timeout(state, at - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                _ => state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner),
+            }
+        }
+    }
+
+    /// Makes [`GroupCommit::next_flush`] return `None` from now on.
+    pub(crate) fn stop(&self) {
+        self.lock().stopping = true;
+        self.work.notify_all();
     }
 
     /// Every generation up to this one is durable.
@@ -183,7 +299,10 @@ impl Drop for Leading<'_> {
                 state.failed.get_or_insert_with(|| "the flush panicked".to_string());
             }
         }
+        let published = Published { durable: state.durable, failed: state.failed.is_some() };
+        self.commit.published.send_replace(published);
         self.commit.flush_ended.notify_all();
+        self.commit.work.notify_one();
     }
 }
 
@@ -372,5 +491,185 @@ mod tests {
         assert!(leader.join().is_err(), "the leader's panic propagates to it");
         let result = writer.join().unwrap();
         assert!(matches!(result, Err(CommitError::Failed { .. })), "{result:?}");
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(future)
+    }
+
+    /// The committer's loop, as a store runs it, over a counting flush.
+    fn committer(commit: Arc<GroupCommit>, flushes: Arc<AtomicU64>) -> thread::JoinHandle<()> {
+        thread::spawn(move || {
+            while let Some(generation) = commit.next_flush(None) {
+                let flushes = flushes.clone();
+                let flush = move || {
+                    flushes.fetch_add(1, Ordering::SeqCst);
+                    ok()
+                };
+                if commit.wait_durable(generation, flush).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// An async writer never flushes itself: it asks, and the committer's flush
+    /// acknowledges it.
+    #[test]
+    fn an_async_writer_is_acknowledged_by_the_committers_flush() {
+        let commit = Arc::new(GroupCommit::default());
+        let flushes = Arc::new(AtomicU64::new(0));
+        let thread = committer(commit.clone(), flushes.clone());
+        for expected in 1..=3 {
+            let generation = commit.register();
+            assert_eq!(commit.durable(), generation - 1, "not durable before the wait");
+            block_on(commit.wait_durable_async(generation)).unwrap();
+            assert!(commit.durable() >= generation);
+            assert_eq!(flushes.load(Ordering::SeqCst), expected);
+        }
+        commit.stop();
+        thread.join().unwrap();
+    }
+
+    /// A flush that began before an async writer registered does not acknowledge
+    /// it: it waits for the next flush, which the committer starts by itself.
+    #[test]
+    fn an_async_writer_arriving_during_a_flush_waits_for_the_next_one() {
+        let commit = Arc::new(GroupCommit::default());
+        let (started_tx, started_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let first = commit.register();
+        let leader = {
+            let commit = commit.clone();
+            thread::spawn(move || {
+                commit.wait_durable(first, || {
+                    started_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    ok()
+                })
+            })
+        };
+        started_rx.recv().unwrap(); // a blocking writer's flush runs, target 1
+        let flushes = Arc::new(AtomicU64::new(0));
+        let thread = committer(commit.clone(), flushes.clone());
+        let second = commit.register();
+        let waiting = {
+            let commit = commit.clone();
+            thread::spawn(move || block_on(commit.wait_durable_async(second)))
+        };
+        release_tx.send(()).unwrap();
+        leader.join().unwrap().unwrap();
+        waiting.join().unwrap().unwrap();
+        assert_eq!(flushes.load(Ordering::SeqCst), 1, "the committer ran the second flush");
+        assert_eq!((commit.flushes(), commit.durable()), (2, 2));
+        commit.stop();
+        thread.join().unwrap();
+    }
+
+    /// Async and blocking writers mixed: no one is acknowledged before a flush
+    /// that began after its write, and flushes are shared.
+    #[test]
+    fn async_and_blocking_writers_share_flushes_and_none_is_acknowledged_early() {
+        let commit = Arc::new(GroupCommit::default());
+        let written = Arc::new(AtomicU64::new(0));
+        let durable = Arc::new(AtomicU64::new(0));
+        let flush = {
+            let (written, durable) = (written.clone(), durable.clone());
+            move || {
+                let covered = written.load(Ordering::SeqCst);
+                thread::yield_now();
+                durable.fetch_max(covered, Ordering::SeqCst);
+                ok()
+            }
+        };
+        let committer = {
+            let (commit, flush) = (commit.clone(), flush.clone());
+            thread::spawn(move || {
+                while let Some(generation) = commit.next_flush(None) {
+                    commit.wait_durable(generation, &flush).unwrap();
+                }
+            })
+        };
+        let per_writer = 100;
+        let blocking: Vec<_> = (0..4)
+            .map(|_| {
+                let (commit, written, durable, flush) =
+                    (commit.clone(), written.clone(), durable.clone(), flush.clone());
+                thread::spawn(move || {
+                    for _ in 0..per_writer {
+                        let mine = written.fetch_add(1, Ordering::SeqCst) + 1;
+                        let generation = commit.register();
+                        commit.wait_durable(generation, &flush).unwrap();
+                        assert!(durable.load(Ordering::SeqCst) >= mine, "acknowledged too early");
+                    }
+                })
+            })
+            .collect();
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+        runtime.block_on(async {
+            let tasks: Vec<_> = (0..16)
+                .map(|_| {
+                    let (commit, written, durable) =
+                        (commit.clone(), written.clone(), durable.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..per_writer {
+                            let mine = written.fetch_add(1, Ordering::SeqCst) + 1;
+                            let generation = commit.register();
+                            commit.wait_durable_async(generation).await.unwrap();
+                            assert!(durable.load(Ordering::SeqCst) >= mine, "acknowledged early");
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        for handle in blocking {
+            handle.join().unwrap();
+        }
+        let writes = 20 * per_writer;
+        assert_eq!(commit.durable(), writes);
+        assert!(commit.flushes() <= writes, "{} flushes", commit.flushes());
+        commit.stop();
+        committer.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_async_writer() {
+        let commit = Arc::new(GroupCommit::default());
+        let thread = {
+            let commit = commit.clone();
+            thread::spawn(move || {
+                while let Some(generation) = commit.next_flush(None) {
+                    let _ = commit.wait_durable(generation, || Err("disk on fire".to_string()));
+                }
+            })
+        };
+        let first = commit.register();
+        assert_eq!(block_on(commit.wait_durable_async(first)), Err("disk on fire".to_string()));
+        thread.join().unwrap(); // a failure ends the committer's loop
+        let second = commit.register();
+        assert_eq!(block_on(commit.wait_durable_async(second)), Err("disk on fire".to_string()));
+    }
+
+    #[test]
+    fn the_committer_flushes_periodically_what_no_one_waits_for() {
+        let commit = Arc::new(GroupCommit::default());
+        let thread = {
+            let commit = commit.clone();
+            thread::spawn(move || {
+                while let Some(generation) = commit.next_flush(Some(Duration::from_millis(1))) {
+                    commit.wait_durable(generation, ok).unwrap();
+                }
+            })
+        };
+        let generation = commit.register();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(commit.wait_until_durable(generation, deadline), "no periodic flush");
+        assert_eq!(commit.pending(), None);
+        commit.stop();
+        thread.join().unwrap();
     }
 }

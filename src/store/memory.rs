@@ -78,6 +78,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    /// Every call is a short critical section in memory.
+    fn serves_inline(&self) -> bool {
+        true
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }

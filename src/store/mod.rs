@@ -38,6 +38,7 @@ mod redb_engine;
 mod sled_engine;
 mod space;
 
+pub use commit_policy::CommitTicket;
 pub use counting::{CountingStore, WriteCounts};
 pub use durability::{
     Durability, FLUSH_INTERVAL_MAX, FLUSH_INTERVAL_MIN, NONE_UNFLUSHED_BATCHES_MAX,
@@ -267,7 +268,9 @@ pub enum StoreError {
 /// it); a scan page is ordered by key.
 ///
 /// Calls block (a `Sync` apply waits for the disk); async callers run them on
-/// the blocking pool (`tokio::task::spawn_blocking`).
+/// the blocking pool (`tokio::task::spawn_blocking`), unless the store
+/// [`serves_inline`](Store::serves_inline): then they call `get`,
+/// `apply_deferred` and `barrier` on their own thread and await the ticket.
 pub trait Store: Send + Sync {
     /// The value of `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -285,6 +288,32 @@ pub trait Store: Send + Sync {
     /// Applies every change of `batch` atomically (a later change to a key wins),
     /// durable as configured.
     fn apply(&self, batch: Batch) -> Result<(), StoreError>;
+
+    /// Applies `batch` as [`Store::apply`] does, but returns once it is applied
+    /// (visible to reads), with the ticket to wait on before acknowledging it
+    /// under the store's durability. The default applies it whole and returns
+    /// a ready ticket.
+    fn apply_deferred(&self, batch: Batch) -> Result<CommitTicket, StoreError> {
+        self.apply(batch)?;
+        Ok(CommitTicket::ready())
+    }
+
+    /// A ticket for a writer that read the store and applied nothing: it
+    /// resolves once every batch applied before the call may be acknowledged
+    /// (what the writer saw may be a batch still waiting for its flush). The
+    /// default is ready: an engine whose `apply` returns only once durable.
+    fn barrier(&self) -> CommitTicket {
+        CommitTicket::ready()
+    }
+
+    /// Whether `get`, `apply_deferred` and `barrier` return within
+    /// microseconds (no wait for the device: a `get` may read a page the OS
+    /// has not cached, which is one disk read), so that an async caller may
+    /// run them on its own thread. The default is `false`: an engine whose
+    /// apply waits for the device, or whose calls may stall behind a flush.
+    fn serves_inline(&self) -> bool {
+        false
+    }
 
     /// Returns once everything applied before the call is durable, in every
     /// durability mode.
@@ -322,12 +351,28 @@ impl Store for Box<dyn Store> {
         (**self).apply(batch)
     }
 
+    fn apply_deferred(&self, batch: Batch) -> Result<CommitTicket, StoreError> {
+        (**self).apply_deferred(batch)
+    }
+
+    fn barrier(&self) -> CommitTicket {
+        (**self).barrier()
+    }
+
+    fn serves_inline(&self) -> bool {
+        (**self).serves_inline()
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         (**self).flush()
     }
 
     fn stats(&self) -> Result<StoreStats, StoreError> {
         (**self).stats()
+    }
+
+    fn writable(&self) -> Result<(), StoreError> {
+        (**self).writable()
     }
 }
 

@@ -30,7 +30,8 @@
 
 use super::commit_policy::{CommitPolicy, DeviceFlush};
 use super::{
-    collect_page, scan_start, Batch, Change, Durability, Entry, Store, StoreError, StoreStats,
+    collect_page, scan_start, Batch, Change, CommitTicket, Durability, Entry, Store, StoreError,
+    StoreStats,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -136,6 +137,12 @@ impl Store for RedbStore {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply_deferred(batch)?.wait()
+    }
+
+    /// A non-durable redb commit (pages handed to the OS); the ticket waits for
+    /// the durable commit that follows.
+    fn apply_deferred(&self, batch: Batch) -> Result<CommitTicket, StoreError> {
         self.policy.check()?;
         let mut tx = self.db().begin_write().map_err(engine_error)?;
         tx.set_durability(redb::Durability::None).map_err(engine_error)?;
@@ -156,7 +163,16 @@ impl Store for RedbStore {
         // nothing of the batch is applied.
         tx.commit().map_err(engine_error)?;
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.policy.acknowledge()
+        Ok(self.policy.acknowledge_deferred())
+    }
+
+    fn barrier(&self) -> CommitTicket {
+        self.policy.barrier()
+    }
+
+    /// A batch is a non-durable commit; reads come from redb's cache or the OS.
+    fn serves_inline(&self) -> bool {
+        true
     }
 
     fn flush(&self) -> Result<(), StoreError> {

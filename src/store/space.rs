@@ -24,7 +24,7 @@
 //!
 //! The check is one `fstatvfs` of the store directory per batch.
 
-use super::{Batch, Change, Entry, Store, StoreError, StoreStats};
+use super::{Batch, Change, CommitTicket, Entry, Store, StoreError, StoreStats};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -288,6 +288,40 @@ impl SpaceGuard {
         }
     }
 
+    /// Refuses `batch` when it would eat into the reserve (or the engine ran
+    /// out of space and there is not yet room to resume), else hands it to
+    /// the engine with `apply`; an engine that runs out of space is reopened.
+    fn write<T>(
+        &self,
+        batch: Batch,
+        apply: impl FnOnce(&dyn Store, Batch) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let engine_full = self.engine_full();
+        let headroom = if engine_full { ENGINE_FULL_RESUME_BYTES } else { 0 };
+        let needed_bytes =
+            self.free_bytes_min.saturating_add(batch_bytes(&batch)).saturating_add(headroom);
+        let available_bytes = self.available_bytes()?;
+        if available_bytes < needed_bytes || (engine_full && self.reopen.is_none()) {
+            return Err(StoreError::InsufficientStorage {
+                path: self.dir.clone(),
+                available_bytes,
+                needed_bytes,
+            });
+        }
+        if engine_full {
+            self.engine_full.store(false, Ordering::Release);
+        }
+        let _in_flight = InFlight::enter(&self.progress);
+        let opened = self.opened()?;
+        let generation = opened.generation;
+        let Some(store) = opened.engine.as_deref() else {
+            return Err(self.insufficient(needed_bytes));
+        };
+        let result = apply(store, batch);
+        drop(opened);
+        result.map_err(|error| self.engine_failed(generation, error, needed_bytes))
+    }
+
     /// After the engine of `generation` failed with `error`: when the OS said
     /// the disk is full, the engine is reopened at once (dropping what the
     /// failed write left applied but not durable) and writes wait for room.
@@ -320,30 +354,31 @@ impl Store for SpaceGuard {
     }
 
     fn apply(&self, batch: Batch) -> Result<(), StoreError> {
-        let engine_full = self.engine_full();
-        let headroom = if engine_full { ENGINE_FULL_RESUME_BYTES } else { 0 };
-        let needed_bytes =
-            self.free_bytes_min.saturating_add(batch_bytes(&batch)).saturating_add(headroom);
-        let available_bytes = self.available_bytes()?;
-        if available_bytes < needed_bytes || (engine_full && self.reopen.is_none()) {
-            return Err(StoreError::InsufficientStorage {
-                path: self.dir.clone(),
-                available_bytes,
-                needed_bytes,
-            });
+        self.write(batch, |store, batch| store.apply(batch))
+    }
+
+    fn apply_deferred(&self, batch: Batch) -> Result<CommitTicket, StoreError> {
+        self.write(batch, |store, batch| store.apply_deferred(batch))
+    }
+
+    fn barrier(&self) -> CommitTicket {
+        match self.opened() {
+            Ok(opened) => match opened.engine.as_deref() {
+                Some(store) => store.barrier(),
+                None => CommitTicket::ready(),
+            },
+            Err(_) => CommitTicket::ready(),
         }
-        if engine_full {
-            self.engine_full.store(false, Ordering::Release);
-        }
-        let _in_flight = InFlight::enter(&self.progress);
-        let opened = self.opened()?;
-        let generation = opened.generation;
-        let Some(store) = opened.engine.as_deref() else {
-            return Err(self.insufficient(needed_bytes));
-        };
-        let result = store.apply(batch);
-        drop(opened);
-        result.map_err(|error| self.engine_failed(generation, error, needed_bytes))
+    }
+
+    /// As the engine's: the guard's own work is one `fstatvfs`. The one wait
+    /// it adds is rare: while the engine is reopened after it ran out of
+    /// space, reads and writes wait for the reopen.
+    fn serves_inline(&self) -> bool {
+        self.opened()
+            .ok()
+            .and_then(|opened| opened.engine.as_deref().map(|s| s.serves_inline()))
+            .unwrap_or(false)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
