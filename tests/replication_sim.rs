@@ -31,6 +31,21 @@ fn clusters_converge_without_losing_acknowledged_writes_under_faults() {
     assert!(operations > 0 && partitions > 0 && dropped > 0);
 }
 
+/// Seeds on which a failed fsync followed by a crash loses an acknowledged
+/// write or leaves replicas apart (found by the soak with
+/// `--fsync-faults`): the restarted node mints again a dot its lost write
+/// had, which anti-entropy had already spread. Run with `--ignored` while
+/// fixing it (a new CRDT actor after an unclean restart is the plan).
+const DOT_REUSE_SEEDS: [u64; 3] = [20261313, 20261565, 20261799];
+
+#[test]
+#[ignore = "known bug: dot reuse after a failed fsync and a crash (docs/testing.md §4)"]
+fn a_failed_fsync_and_a_crash_lose_no_acknowledged_write() {
+    sim::seeds::run_all(&DOT_REUSE_SEEDS, |seed| {
+        sim::replication::simulate_with(seed, sim::replication::DISK_FAULTS_WITH_FSYNC)
+    });
+}
+
 fn key(k: usize) -> Key {
     Key::new(format!("set/{k}"), &Limits::default()).unwrap()
 }
