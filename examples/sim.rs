@@ -132,6 +132,7 @@ fn main() {
                 ("messages duplicated", s.duplicated),
                 ("partitions", s.partitions),
                 ("restarts", s.restarts),
+                ("clock skews and jumps", s.clock_faults),
                 ("disk faults", s.disk_faults),
                 ("writes indeterminate (failed fsync)", s.indeterminate),
             ])

@@ -79,6 +79,17 @@ pub struct ScanPage {
     pub cursor: Option<String>,
 }
 
+/// Where a node reads wall-clock time: milliseconds since the Unix epoch.
+pub type WallClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system's wall clock.
+pub fn system_clock() -> WallClock {
+    Arc::new(|| {
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    })
+}
+
 /// A single calmkv node over a store.
 pub struct Node {
     id: NodeId,
@@ -87,6 +98,7 @@ pub struct Node {
     key_locks: Box<[Mutex<()>]>,
     lock_hasher: std::collections::hash_map::RandomState,
     clock: Mutex<HybridClock>,
+    wall_clock: WallClock,
     digest: Digest,
     /// Bytes of every row the node keeps for its keys (bases, log rows, index
     /// entries; keys and values), moved by each write under the key's lock.
@@ -126,6 +138,7 @@ impl Node {
             key_locks,
             lock_hasher: Default::default(),
             clock: Mutex::new(HybridClock::new()),
+            wall_clock: system_clock(),
             digest,
             live_bytes: AtomicU64::new(live_bytes),
             invariants: Arc::new(Invariants::none()),
@@ -255,6 +268,15 @@ impl Node {
     /// The node with `invariants` to enforce.
     pub fn with_invariants(mut self, invariants: Arc<Invariants>) -> Node {
         self.invariants = invariants;
+        self
+    }
+
+    /// The same node reading wall-clock time from `clock` instead of the
+    /// system's: simulations give each node a clock they skew and jump. The
+    /// hybrid clock over it still never goes back, so a node's stamps stay
+    /// ordered whatever the wall clock does.
+    pub fn with_wall_clock(mut self, clock: WallClock) -> Node {
+        self.wall_clock = clock;
         self
     }
 
@@ -434,9 +456,9 @@ impl Node {
     }
 
     fn now(&self) -> calmkv_crdts::Hlc {
-        let wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let wall_ms = (self.wall_clock)();
         let mut clock = self.clock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        clock.now(u64::try_from(wall_ms).unwrap_or(u64::MAX))
+        clock.now(wall_ms)
     }
 
     /// Runs the operation on `state` as this node, returning the delta.

@@ -1,7 +1,8 @@
 //! Nodes over a hostile network and failing disks: several nodes take client
 //! writes and reads of every key type while a seeded nemesis partitions the
 //! network (symmetric, one-way, bridge), loses, duplicates and reorders
-//! messages (deltas and anti-entropy alike), fails disk writes and fsyncs
+//! messages (deltas and anti-entropy alike), skews and jumps the nodes'
+//! clocks (a simulated clock, so a seed replays exactly), fails disk writes and fsyncs
 //! (`store::FaultyStore` over an in-memory store, `sync` durability), and
 //! crashes and restarts nodes, dropping whatever was not flushed. A write the
 //! disk refused is a failed operation; a write whose fsync failed is
@@ -16,6 +17,7 @@ use crate::checkers::counter::{self, CounterOp, CounterRet};
 use crate::checkers::register::{self, LwwOp, LwwRet, MvOp, MvRet};
 use crate::checkers::set::{self, SetOp, SetRet};
 use crate::checkers::{convergence, History, Outcome};
+use calmkv::node::WallClock;
 use calmkv::replication::anti_entropy::{self, AntiEntropy};
 use calmkv::store::{Durability, FaultRates, FaultyStore, MemoryStore, Store};
 use calmkv::{
@@ -27,6 +29,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Keys, four of each type (counter, set, multi-value and LWW register).
@@ -52,6 +55,8 @@ pub struct Stats {
     pub partitions: u64,
     /// Node crashes and restarts.
     pub restarts: u64,
+    /// Clock skews and jumps.
+    pub clock_faults: u64,
     /// Disk faults injected (failed writes, full disks, failed fsyncs).
     pub disk_faults: u64,
     /// Client writes that ended indeterminate (a failed fsync).
@@ -80,20 +85,44 @@ pub const DISK_FAULTS: FaultRates =
 pub const DISK_FAULTS_WITH_FSYNC: FaultRates =
     FaultRates { write_error: 0.01, no_space: 0.01, flush_error: 0.004 };
 
+/// The simulation's time, in milliseconds since the epoch; every step moves
+/// it on. Each node reads it through its own skew.
+const START_MS: u64 = 1_800_000_000_000;
+
 struct SimNode {
     id: NodeId,
     store: Arc<FaultyStore>,
+    /// This node's clock error, in milliseconds (skew, and jumps either way).
+    skew_ms: Arc<AtomicI64>,
+    time_ms: Arc<AtomicU64>,
     node: Node,
 }
 
 impl SimNode {
-    fn new(id: u64, seed: u64, faults: FaultRates) -> SimNode {
+    fn new(id: u64, seed: u64, faults: FaultRates, time_ms: &Arc<AtomicU64>) -> SimNode {
         let memory = Box::new(MemoryStore::new());
         let store =
             Arc::new(FaultyStore::new(memory, Durability::Sync).with_rates(seed ^ id, faults));
-        let shared: Arc<dyn Store> = store.clone();
-        let node = Node::open(NodeId(id), shared, Limits::default()).unwrap();
-        SimNode { id: NodeId(id), store, node }
+        let mut sim_node = SimNode {
+            id: NodeId(id),
+            store,
+            skew_ms: Arc::new(AtomicI64::new(0)),
+            time_ms: time_ms.clone(),
+            node: Node::open(NodeId(id), Arc::new(MemoryStore::new()), Limits::default()).unwrap(),
+        };
+        sim_node.node = sim_node.open().unwrap();
+        sim_node
+    }
+
+    /// The node over this store, reading the simulated clock through its skew.
+    fn open(&self) -> Result<Node, String> {
+        let store: Arc<dyn Store> = self.store.clone();
+        let (skew, time) = (self.skew_ms.clone(), self.time_ms.clone());
+        let clock: WallClock = Arc::new(move || {
+            time.load(Ordering::Relaxed).saturating_add_signed(skew.load(Ordering::Relaxed))
+        });
+        let node = Node::open(self.id, store, Limits::default()).map_err(|e| failed("open", e))?;
+        Ok(node.with_wall_clock(clock))
     }
 
     /// A crash and restart: what was not flushed is gone (under `sync` only a
@@ -102,9 +131,7 @@ impl SimNode {
     /// Whether the crash took anything back.
     fn restart(&mut self) -> Result<bool, String> {
         let report = self.store.crash().map_err(|e| failed("crash", e))?;
-        let store: Arc<dyn Store> = self.store.clone();
-        self.node =
-            Node::open(self.id, store, Limits::default()).map_err(|e| failed("reopen", e))?;
+        self.node = self.open()?;
         Ok(report.batches_lost > 0)
     }
 }
@@ -187,6 +214,7 @@ impl Network {
 }
 
 struct Sim {
+    time_ms: Arc<AtomicU64>,
     rng: StdRng,
     nodes: Vec<SimNode>,
     in_flight: Vec<(usize, usize, Vec<u8>)>,
@@ -415,8 +443,20 @@ impl Sim {
     fn run(&mut self) -> Result<(), String> {
         let n = self.nodes.len();
         for _ in 0..STEPS {
+            self.time_ms.fetch_add(self.rng.random_range(0..5), Ordering::Relaxed);
             match self.rng.random_range(0..100) {
-                0..35 => {
+                0..2 => {
+                    // A clock fault on one node: a skew of up to ±10 s, or a
+                    // jump a minute ahead or 30 s back.
+                    self.stats.clock_faults += 1;
+                    let skew = &self.nodes[self.rng.random_range(0..n)].skew_ms;
+                    match self.rng.random_range(0..3) {
+                        0 => skew.store(self.rng.random_range(-10_000..=10_000), Ordering::Relaxed),
+                        1 => drop(skew.fetch_add(60_000, Ordering::Relaxed)),
+                        _ => drop(skew.fetch_sub(30_000, Ordering::Relaxed)),
+                    }
+                }
+                2..35 => {
                     let at = self.rng.random_range(0..n);
                     self.client(at)?;
                 }
@@ -522,8 +562,10 @@ pub fn simulate(seed: u64) -> Result<Stats, String> {
 pub fn simulate_with(seed: u64, faults: FaultRates) -> Result<Stats, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = rng.random_range(3..=5);
-    let nodes = (0..n).map(|i| SimNode::new(i as u64 + 1, seed, faults)).collect();
+    let time_ms = Arc::new(AtomicU64::new(START_MS));
+    let nodes = (0..n).map(|i| SimNode::new(i as u64 + 1, seed, faults, &time_ms)).collect();
     let mut sim = Sim {
+        time_ms,
         rng,
         nodes,
         in_flight: Vec::new(),
