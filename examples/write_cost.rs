@@ -90,7 +90,7 @@ fn open_store(dir: &std::path::Path) -> Arc<CountingStore<Box<dyn Store>>> {
 fn delta_log_run(kind: Kind, n: usize, adds: usize, whole_cycles: bool) -> Run {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store = open_store(dir.path());
-    let node = Node::open(NodeId(1), store.clone(), Limits::default()).expect("a node");
+    let node = Node::open(NodeId(1), store.clone(), limits()).expect("a node");
     build(&node, kind, n);
     store.flush().expect("flush");
     let mut next = n;
@@ -160,10 +160,15 @@ fn build(node: &Node, kind: Kind, n: usize) {
 /// The whole-envelope layout: every add rewrote the key's envelope and its
 /// 8-byte digest entry. The states come from a node over memory; the rows go
 /// to a fresh fjall store.
+/// The default limits, with room for a set (or map) of 100,000 members to
+/// take its adds: the default caps a set at exactly 100,000 members.
+fn limits() -> Limits {
+    Limits { members_max: 200_000, ..Limits::default() }
+}
+
 fn whole_envelope_run(kind: Kind, n: usize, adds: usize) -> Run {
-    let states =
-        Node::open(NodeId(1), Arc::new(calmkv::store::MemoryStore::new()), Limits::default())
-            .expect("a node");
+    let states = Node::open(NodeId(1), Arc::new(calmkv::store::MemoryStore::new()), limits())
+        .expect("a node");
     build(&states, kind, n);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store = open_store(dir.path());
