@@ -32,8 +32,8 @@ struct Args {
     /// Stop after this long, whatever is left (seconds).
     #[arg(long, default_value_t = 3600)]
     time_limit: u64,
-    /// Fail fsyncs too in the replication simulation (0.4% of them): a known
-    /// bug, dot reuse after a failed fsync and a crash, fails ~0.7% of seeds.
+    /// Fail fsyncs too in the replication simulation (0.4% of them), so that
+    /// crashes take back writes other replicas may already hold.
     #[arg(long)]
     fsync_faults: bool,
 }

@@ -31,10 +31,11 @@ use calmkv_crdts::{CausalContext, Crdt, CrdtError, HybridClock, NodeId, OrMap, V
 use delta_log::{DATA_PREFIX, HASH_PREFIX};
 use serde_bytes::ByteBuf;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod actor;
 mod delta_log;
 
 pub use delta_log::LOG_SHARE_OF_BASE_INV;
@@ -104,6 +105,13 @@ pub struct Node {
     /// entries; keys and values), moved by each write under the key's lock.
     live_bytes: AtomicU64,
     invariants: Arc<Invariants>,
+    /// The CRDT actor this node mints dots as (`actor.rs`): its id while it
+    /// has only ever stopped cleanly, a new actor after a crash.
+    actor: NodeId,
+    /// Whether the store's actor row does not say this actor is running (it
+    /// stopped cleanly, or the open could not record it): the next write that
+    /// mints a dot records it running first.
+    marked_clean: AtomicBool,
 }
 
 impl Node {
@@ -131,7 +139,10 @@ impl Node {
                 _ => break,
             }
         }
+        let (actor, recorded) = actor::choose(id, &*store, live_bytes > 0)?;
         Ok(Node {
+            actor,
+            marked_clean: AtomicBool::new(!recorded),
             id,
             store,
             limits,
@@ -463,7 +474,49 @@ impl Node {
 
     /// Runs the operation on `state` as this node, returning the delta.
     fn execute(&self, state: &mut Envelope, op: &Op) -> Result<Envelope, NodeError> {
-        execute(state, op, self.id, self.now(), &self.limits)
+        if self.marked_clean.load(Ordering::Acquire) {
+            actor::record(&*self.store, self.actor, false)?;
+            self.marked_clean.store(false, Ordering::Release);
+        }
+        execute(state, op, self.actor, self.now(), &self.limits)
+    }
+
+    /// The CRDT actor this node's writes mint dots as: the node's id until a
+    /// crash, then a new one per crash, so that a dot lost with writes that
+    /// were not durable (and may have reached other replicas) is never minted
+    /// again for another write (`node/actor.rs`).
+    pub fn actor(&self) -> NodeId {
+        self.actor
+    }
+
+    /// Makes everything durable and records that this node's actor stopped
+    /// cleanly, so the next open mints as the same actor. A later write by
+    /// this node records it running again first. Called by a clean shutdown
+    /// and when the node is dropped; a crash never gets here.
+    pub fn mark_clean(&self) -> Result<(), NodeError> {
+        self.store.flush()?;
+        if actor::owns(&*self.store, self.actor)? {
+            actor::record(&*self.store, self.actor, true)?;
+            self.marked_clean.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Drops the node as a crash would: without [`Node::mark_clean`], so the
+    /// next open takes a new actor. For simulations and tests.
+    pub fn crash(self) {
+        self.marked_clean.store(true, Ordering::Release);
+        drop(self);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // `crash` sets the flag so that nothing is recorded; a node already
+        // marked clean has nothing to record either.
+        if !self.marked_clean.load(Ordering::Acquire) {
+            let _ = self.mark_clean();
+        }
     }
 }
 

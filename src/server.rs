@@ -359,7 +359,7 @@ impl Server {
         }
         self.cluster.channel().set_peers(Vec::new());
         let node = self.node.clone();
-        let flush = tokio::task::spawn_blocking(move || node.flush());
+        let flush = tokio::task::spawn_blocking(move || node.mark_clean());
         match tokio::time::timeout(SHUTDOWN_FLUSH_MAX, flush).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),

@@ -76,12 +76,9 @@ enum Message {
 pub const DISK_FAULTS: FaultRates =
     FaultRates { write_error: 0.01, no_space: 0.01, flush_error: 0.0 };
 
-/// [`DISK_FAULTS`] with failing fsyncs too (0.4% of them). Known to fail
-/// about 0.7% of seeds today: a write whose fsync failed stays visible, and
-/// anti-entropy may spread it before the crash takes it back; the restarted
-/// node then mints the same dot again for another write, and the replicas
-/// that hold the first drop the second (an acknowledged write lost) or
-/// disagree. `docs/testing.md` §4.
+/// [`DISK_FAULTS`] with failing fsyncs too (0.4% of them): a write whose
+/// fsync failed stays visible, anti-entropy may spread it, and the crash
+/// takes it back; the restarted node must not mint its dot again.
 pub const DISK_FAULTS_WITH_FSYNC: FaultRates =
     FaultRates { write_error: 0.01, no_space: 0.01, flush_error: 0.004 };
 
@@ -121,7 +118,19 @@ impl SimNode {
         let clock: WallClock = Arc::new(move || {
             time.load(Ordering::Relaxed).saturating_add_signed(skew.load(Ordering::Relaxed))
         });
-        let node = Node::open(self.id, store, Limits::default()).map_err(|e| failed("open", e))?;
+        // Opening writes the node's actor row, which a failing disk may
+        // refuse: a node that cannot start tries again, as an operator would.
+        let mut attempts = 0;
+        let node = loop {
+            match Node::open(self.id, store.clone(), Limits::default()) {
+                Ok(node) => break node,
+                Err(NodeError::Store { .. }) if attempts < 100 => {
+                    attempts += 1;
+                    self.store.crash().map_err(|e| failed("crash", e))?;
+                }
+                Err(e) => return Err(failed("open", e)),
+            }
+        };
         Ok(node.with_wall_clock(clock))
     }
 
