@@ -140,7 +140,9 @@ impl SimNode {
     /// Whether the crash took anything back.
     fn restart(&mut self) -> Result<bool, String> {
         let report = self.store.crash().map_err(|e| failed("crash", e))?;
-        self.node = self.open()?;
+        let fresh = self.open()?;
+        let crashed = std::mem::replace(&mut self.node, fresh);
+        crashed.crash(); // as a crash would: its actor is not marked clean
         Ok(report.batches_lost > 0)
     }
 }
