@@ -137,6 +137,14 @@ impl Db {
         self.node.flush()
     }
 
+    /// Stops cleanly: makes every write durable and records that this node's
+    /// CRDT actor stopped cleanly, so the next open mints as the same actor.
+    /// A `Db` dropped without `close` is treated as a crash on the next open
+    /// (a new actor: safe, one more context entry per key it then writes).
+    pub fn close(self) -> Result<(), NodeError> {
+        self.node.mark_clean()
+    }
+
     /// The multi-value register at `key`.
     pub fn register(&self, key: &str) -> Register<'_> {
         Register(Handle { db: self, key: key.to_string() })

@@ -491,8 +491,9 @@ impl Node {
 
     /// Makes everything durable and records that this node's actor stopped
     /// cleanly, so the next open mints as the same actor. A later write by
-    /// this node records it running again first. Called by a clean shutdown
-    /// and when the node is dropped; a crash never gets here.
+    /// this node records it running again first. Called by the server's
+    /// clean shutdown and [`Db::close`](crate::Db::close); a node dropped
+    /// without it counts as crashed (a new actor next time).
     pub fn mark_clean(&self) -> Result<(), NodeError> {
         self.store.flush()?;
         if actor::owns(&*self.store, self.actor)? {
@@ -500,23 +501,6 @@ impl Node {
             self.marked_clean.store(true, Ordering::Release);
         }
         Ok(())
-    }
-
-    /// Drops the node as a crash would: without [`Node::mark_clean`], so the
-    /// next open takes a new actor. For simulations and tests.
-    pub fn crash(self) {
-        self.marked_clean.store(true, Ordering::Release);
-        drop(self);
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // `crash` sets the flag so that nothing is recorded; a node already
-        // marked clean has nothing to record either.
-        if !self.marked_clean.load(Ordering::Acquire) {
-            let _ = self.mark_clean();
-        }
     }
 }
 

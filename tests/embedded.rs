@@ -454,3 +454,27 @@ fn open_refuses_a_file_where_the_data_directory_should_be() {
     std::fs::write(&file, "x").unwrap();
     assert!(Db::open(&file).is_err());
 }
+
+#[test]
+fn a_closed_db_mints_as_the_same_actor_and_a_dropped_one_as_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |dir: &Path| calmkv::Config::new(dir).open_node().unwrap();
+    let first = node(dir.path());
+    let actor = first.actor();
+    assert_eq!(actor, first.id(), "a new store mints as the node's id");
+    let db = Db::from_node(first);
+    db.set("s").add("x").unwrap();
+    db.close().unwrap();
+    let second = node(dir.path());
+    assert_eq!(second.actor(), actor, "a clean stop keeps the actor");
+    let db = Db::from_node(second);
+    db.set("s").add("y").unwrap();
+    drop(db); // a crash, as far as the next open knows
+    let third = node(dir.path());
+    assert_ne!(third.actor(), actor, "after a crash the node mints as a new actor");
+    let db = Db::from_node(third);
+    db.set("s").add("z").unwrap();
+    let mut members = db.set("s").members().unwrap();
+    members.sort();
+    assert_eq!(members, ["x", "y", "z"]);
+}

@@ -10,8 +10,8 @@
 //! that never agree. So a node that did not stop cleanly mints as a new actor.
 //!
 //! The store's row [`ACTOR_ROW`] holds the actor and whether its node stopped
-//! cleanly (`mark_clean`: after a successful flush, nothing it minted can be
-//! lost). On open: a clean actor is used again; otherwise — a crash, or a
+//! cleanly (`Node::mark_clean`, from the server's shutdown and `Db::close`:
+//! after a successful flush, nothing it minted can be lost). On open: a clean actor is used again; otherwise — a crash, or a
 //! store from before this row existed that holds keys — the node derives a
 //! new actor from its id and the previous actor, deterministically (a
 //! simulation's seed still replays), and records it as running, durably,
